@@ -1,0 +1,3 @@
+from ai_sandbox.cli.main import run
+
+run()

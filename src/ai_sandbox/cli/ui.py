@@ -1,0 +1,54 @@
+"""Rendering shared by the commands: the console, step progress, errors."""
+
+from __future__ import annotations
+
+import logging
+
+from rich.console import Console
+from rich.logging import RichHandler
+
+from ai_sandbox import progress
+
+out = Console()
+err = Console(stderr=True)
+
+
+def setup_logging(verbose: bool) -> None:
+    level = logging.DEBUG if verbose else logging.WARNING
+    handler = RichHandler(console=err, show_path=False, show_time=False, markup=False)
+    logging.basicConfig(level=level, handlers=[handler], format="%(message)s", force=True)
+    logging.getLogger("ai_sandbox").setLevel(logging.INFO if verbose else logging.WARNING)
+    if verbose:
+        logging.getLogger("ai_sandbox.runner").setLevel(logging.DEBUG)
+    for noisy in ("asyncssh", "httpx", "httpcore", "qemu", "pyroute2"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+
+
+class StepPrinter:
+    """Shows each long step with a spinner while it runs and its time when it ends."""
+
+    def __init__(self) -> None:
+        self._status = None
+
+    def __call__(self, event: str, title: str, seconds: float) -> None:
+        if event == "start":
+            self._stop()
+            self._status = err.status(f"{title} …")
+            self._status.start()
+        elif event == "info":
+            err.print(f"[yellow]note:[/] {title}", highlight=False)
+        else:
+            self._stop()
+            mark = "[green]✓[/]" if event == "done" else "[red]✗[/]"
+            err.print(f"{mark} {title} ({seconds:.1f}s)", highlight=False)
+
+    def _stop(self) -> None:
+        if self._status is not None:
+            self._status.stop()
+            self._status = None
+
+
+def show_progress() -> StepPrinter:
+    printer = StepPrinter()
+    progress.listen(printer)
+    return printer

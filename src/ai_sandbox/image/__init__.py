@@ -1,0 +1,1 @@
+"""Guest images: recipes in, kernel + initramfs + base root filesystem out."""

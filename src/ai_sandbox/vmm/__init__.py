@@ -1,0 +1,1 @@
+"""VMM drivers behind one protocol (base.Driver)."""
