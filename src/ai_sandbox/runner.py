@@ -85,9 +85,11 @@ def run(
         "env": _env(env, extra_env),
         "cwd": cwd,
         "timeout": timeout,
-        "stdin": subprocess.PIPE if input is not None else subprocess.DEVNULL,
-        "input": input.encode() if isinstance(input, str) else input,
     }
+    if input is None:
+        kwargs["stdin"] = subprocess.DEVNULL
+    else:
+        kwargs["input"] = input.encode() if isinstance(input, str) else input
     try:
         if log_file is not None:
             log_file.parent.mkdir(parents=True, exist_ok=True)

@@ -15,6 +15,7 @@ from ai_sandbox import paths, progress
 from ai_sandbox.errors import BuildError, SandboxError, UsageError
 from ai_sandbox.guest import LABEL_BASE, files_dir
 from ai_sandbox.image import disk, guest, initramfs, kernel, recipe, rootfs, sources
+from ai_sandbox.image import tools as tools_stage
 from ai_sandbox.image.cache import Cache, digest, file_digest, tree_digest
 
 log = logging.getLogger(__name__)
@@ -122,9 +123,9 @@ class Pipeline:
                    "sources": sources.sources_for(r.suite, r.components), "code": _code(rootfs)}
         base = self._stage("base", base_in, "base" in force,
                            lambda w, lf: rootfs.build_base(r, w, base_in["sources"], lf))
-        tools_in = {"base": base.name, "tools": [t.model_dump() for t in tools], "code": _code(rootfs)}
+        tools_in = {"base": base.name, "tools": [t.model_dump() for t in tools], "code": _code(tools_stage)}
         tools_dir = self._stage("tools", tools_in, "tools" in force,
-                                lambda w, lf: rootfs.build_tools(base / "root", w, tools, lf))
+                                lambda w, lf: tools_stage.build_tools(base / "root", w, tools, lf))
         guest_in = {"tools": tools_dir.name, "files": tree_digest(self.guest_files), "code": _code(guest)}
         guest_dir = self._stage("guest", guest_in, "guest" in force,
                                 lambda w, lf: guest.build_guest(tools_dir / "root", w, self.guest_files))

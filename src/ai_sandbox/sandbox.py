@@ -1,0 +1,271 @@
+"""Use cases: up (create + start), attach, exec, stop, rm, ps. Subsystems meet here through small dataclasses."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import os
+import tempfile
+from dataclasses import dataclass
+from ipaddress import IPv4Network
+from pathlib import Path
+
+from ai_sandbox import net, progress
+from ai_sandbox.config import Settings
+from ai_sandbox.errors import NotFound, SandboxError, UsageError, VMError
+from ai_sandbox.guest import LABEL_CONFIG, LABEL_DATA
+from ai_sandbox.image import pipeline
+from ai_sandbox.image.disk import make_ext4
+from ai_sandbox.session import ssh
+from ai_sandbox.share import virtiofs
+from ai_sandbox.state import Files, Instance, Spec, instances, name_for_workspace
+from ai_sandbox.vmm import drivers
+from ai_sandbox.vmm.base import DirShare, Disk, MachineSpec, NetDevice, State, Status
+
+BOOT_TIMEOUT = float(os.environ.get("AI_SANDBOX_BOOT_TIMEOUT", "300"))
+
+
+@dataclass(frozen=True)
+class Options:
+    name: str | None
+    workspace: Path
+    settings: Settings
+    skip_optional: bool = False
+
+
+def guest_ids() -> tuple[int, int]:
+    """The guest user's uid/gid: the invoking user's (the real one behind sudo); root maps to 1000."""
+    uid, gid = os.getuid(), os.getgid()
+    if uid == 0:
+        uid, gid = int(os.environ.get("SUDO_UID", 1000)), int(os.environ.get("SUDO_GID", 1000))
+    return uid, gid
+
+
+def resolve(name: str | None, workspace: Path | None = None) -> Instance:
+    """The named sandbox, or the one of the workspace (default: the current directory)."""
+    if name:
+        return Instance(name)
+    ws = (workspace or Path.cwd()).resolve()
+    return Instance(name_for_workspace(ws))
+
+
+def existing(name: str | None) -> Instance:
+    inst = resolve(name)
+    if not inst.exists():
+        what = f"no sandbox named {name!r}" if name else f"no sandbox for {Path.cwd()}"
+        raise NotFound(what, hint="see `ai ps`, or start one with `ai start`")
+    return inst
+
+
+def _share_mode(settings: Settings, driver) -> str:
+    mode = settings.share
+    if mode == "auto":
+        return "virtiofs" if driver.capabilities.share_directory else "sftp"
+    if mode == "virtiofs" and not driver.capabilities.share_directory:
+        raise UsageError(f"--share virtiofs: the {driver.name} VMM cannot share a directory", hint="use sftp or copy")
+    return mode
+
+
+def create(opts: Options) -> tuple[Instance, Spec]:
+    """Load the sandbox, or make its spec (nothing is written until it starts well)."""
+    ws = opts.workspace.resolve()
+    if not ws.is_dir():
+        raise UsageError(f"workspace {opts.workspace} is not a directory")
+    inst = Instance(opts.name) if opts.name else Instance(name_for_workspace(ws))
+    s = opts.settings
+    if inst.exists():
+        spec = inst.load()
+        spec.cpus, spec.memory_mib = s.vcpus, s.memory_mib
+        return inst, spec
+    driver = drivers.choose(s.vmm)
+    uid, gid = guest_ids()
+    spec = Spec(name=inst.name, workspace=str(ws), image=s.image, vmm=driver.name, cpus=s.vcpus,
+                memory_mib=s.memory_mib, share=_share_mode(s, driver), network=s.network, uid=uid, gid=gid,
+                workspace_size_mib=s.workspace_size_mib)
+    return inst, spec
+
+
+def status(inst: Instance) -> Status:
+    spec = inst.load()
+    st = drivers.get(spec.vmm).status(inst.vm_files())
+    if st.state is State.RUNNING and spec.share == "virtiofs":
+        from ai_sandbox.vmm import process
+
+        pid = process.read_pid(inst.path(Files.FS_PID))
+        if pid is None or not process.alive(pid):
+            return Status(State.BROKEN, "virtiofsd is gone: the workspace is not shared", st.pid)
+    return st
+
+
+def target(inst: Instance, spec: Spec) -> ssh.Target:
+    if not spec.subnet:
+        raise VMError(f"sandbox {inst.name} has no network yet")
+    cfg = net.NetConfig.from_dict(json.loads(spec.extra["net"]))
+    return ssh.Target(f"ai-{inst.name}", str(cfg.guest_ip), inst.path(Files.KEY), inst.path(Files.KNOWN_HOSTS))
+
+
+def _used_subnets(me: str) -> set[IPv4Network]:
+    used = set()
+    for other in instances():
+        if other.name != me:
+            with contextlib.suppress(SandboxError, ValueError):
+                sp = other.load()
+                if sp.subnet:
+                    used.add(IPv4Network(sp.subnet))
+    return used
+
+
+def _config_drive(inst: Instance, spec: Spec, cfg: net.NetConfig, user_key: str, host_key: tuple[str, str]) -> Path:
+    mounts = []
+    if spec.share == "virtiofs":
+        mounts.append({"type": "virtiofs", "tag": virtiofs.TAG, "target": "/workspace"})
+    data = {
+        "hostname": inst.name,
+        "user": {"name": "sandbox", "uid": spec.uid, "gid": spec.gid, "authorized_keys": [user_key]},
+        "ssh_host_key": {"private": host_key[0], "public": host_key[1]},
+        "network": {"address": f"{cfg.guest_ip}/{cfg.prefix}", "gateway": str(cfg.host_ip), "mac": cfg.mac,
+                    "dns": [str(cfg.host_ip)]},
+        "environment": {"AI_SANDBOX": inst.name},
+        "mounts": mounts,
+    }
+    with tempfile.TemporaryDirectory() as tmp:
+        Path(tmp, "config.json").write_text(json.dumps(data, indent=2))
+        Path(tmp, "config.json").chmod(0o600)
+        path = make_ext4(inst.path(Files.CONFIG), 8, LABEL_CONFIG, Path(tmp))
+    path.chmod(0o600)
+    return path
+
+
+def _prepare(inst: Instance, spec: Spec) -> tuple[str, tuple[str, str]]:
+    """Data disk and keys (made once; they survive stop/start)."""
+    if not inst.path(Files.DATA).exists():
+        make_ext4(inst.path(Files.DATA), spec.data_size_mib, LABEL_DATA)
+    user_key = ssh.keygen(inst.path(Files.KEY), f"ai-sandbox {inst.name}")
+    host_pub = ssh.keygen(inst.path(Files.HOST_KEY), f"ai-sandbox host {inst.name}")
+    return user_key, (inst.path(Files.HOST_KEY).read_text(), host_pub)
+
+
+def _network(inst: Instance, spec: Spec, settings: Settings) -> net.NetConfig:
+    if "net" in spec.extra:
+        return net.NetConfig.from_dict(json.loads(spec.extra["net"]))
+    cfg = net.plan(inst.name, _used_subnets(inst.name), net.pool_from_env())
+    spec.subnet = str(cfg.subnet)
+    spec.extra["net"] = json.dumps(cfg.to_dict())
+    return cfg
+
+
+def start(inst: Instance, spec: Spec, settings: Settings, skip_optional: bool = False) -> ssh.Target:
+    """Start the sandbox (build if needed); on failure everything set up so far is torn down."""
+    driver = drivers.get(spec.vmm)
+    problem = driver.unavailable()
+    if problem:
+        raise UsageError(f"cannot use {driver.name}: {problem}")
+    with inst.locked():
+        if driver.status(inst.vm_files()).state is State.RUNNING:
+            return target(inst, spec)
+        arts = pipeline.build(spec.image, skip_optional=skip_optional).artifacts
+        new = not inst.exists()
+        with contextlib.ExitStack() as undo:
+            if new:
+                undo.callback(inst.remove)
+            inst.dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+            _stop_parts(inst, spec)  # leftovers of a crash (kill -9) go before we start again
+            user_key, host_key = _prepare(inst, spec)
+            cfg = _network(inst, spec, settings)
+            inst.save(spec)
+            t = target(inst, spec)
+            ssh.write_known_hosts(t, host_key[1])
+            inst.path(Files.SSH_CONFIG).write_text(ssh.render_config(t))
+            with progress.step("network"):
+                net.up(inst.name, cfg)
+            undo.callback(net.down, inst.name)
+            shares = ()
+            if spec.share == "virtiofs":
+                virtiofs.start(Path(spec.workspace), inst.path(Files.FS_SOCK), inst.path(Files.FS_PID),
+                               inst.path(Files.FS_LOG), spec.uid)
+                undo.callback(virtiofs.stop, inst.path(Files.FS_SOCK), inst.path(Files.FS_PID))
+                shares = (DirShare(virtiofs.TAG, inst.path(Files.FS_SOCK)),)
+            disks = (Disk("base", arts.rootfs, read_only=True), Disk("data", inst.path(Files.DATA)),
+                     Disk("config", _config_drive(inst, spec, cfg, user_key, host_key), read_only=True))
+            mspec = MachineSpec(
+                name=inst.name, vcpus=spec.cpus, memory_mib=spec.memory_mib, kernel=arts.kernel,
+                vmlinux=arts.vmlinux, initrd=arts.initrd, cmdline="panic=-1 quiet loglevel=3",
+                files=inst.vm_files(), disks=disks, net=NetDevice(cfg.tap, cfg.mac), shares=shares,
+            )
+            inst.path(Files.CONSOLE).write_text("")
+            with progress.step(f"boot ({driver.name})"):
+                driver.start(mspec)
+                undo.callback(driver.stop, inst.vm_files(), 5)
+                pid = driver.status(inst.vm_files()).pid
+                from ai_sandbox.vmm import process
+
+                asyncio.run(ssh.wait_ready(t, BOOT_TIMEOUT, lambda: pid is not None and process.alive(pid)))
+            undo.pop_all()
+        net.reconcile(n.name for n in instances() if _is_up(n))
+        return t
+
+
+def _is_up(inst: Instance) -> bool:
+    with contextlib.suppress(SandboxError, OSError):
+        return drivers.get(inst.load().vmm).status(inst.vm_files()).state is not State.STOPPED
+    return False
+
+
+def _stop_parts(inst: Instance, spec: Spec, timeout: float = 30) -> None:
+    drivers.get(spec.vmm).stop(inst.vm_files(), timeout)
+    virtiofs.stop(inst.path(Files.FS_SOCK), inst.path(Files.FS_PID))
+    net.down(inst.name)
+
+
+def stop(inst: Instance, timeout: float = 30) -> None:
+    spec = inst.load()
+    with inst.locked():
+        _stop_parts(inst, spec, timeout)
+    net.reconcile(n.name for n in instances() if _is_up(n))
+
+
+def remove(inst: Instance, force: bool = False) -> None:
+    spec = inst.load()
+    if status(inst).state is State.RUNNING and not force:
+        raise UsageError(f"sandbox {inst.name} is running", hint="stop it first, or use --force")
+    stop(inst, timeout=10 if force else 30)
+    inst.remove()
+    del spec
+
+
+def exec_in(inst: Instance, argv: list[str]) -> int:
+    spec = inst.load()
+    if status(inst).state is not State.RUNNING:
+        raise UsageError(f"sandbox {inst.name} is not running", hint=f"start it: ai start --name {inst.name}")
+    return asyncio.run(ssh.exec_command(target(inst, spec), argv))
+
+
+def attach_argv(inst: Instance) -> list[str]:
+    spec = inst.load()
+    if status(inst).state is not State.RUNNING:
+        raise UsageError(f"sandbox {inst.name} is not running", hint="run ./ai to start it")
+    return ssh.attach_argv(inst.path(Files.SSH_CONFIG), target(inst, spec).alias)
+
+
+@dataclass(frozen=True)
+class Row:
+    name: str
+    status: str
+    reason: str
+    vmm: str
+    workspace: str
+    address: str
+
+
+def ps() -> list[Row]:
+    rows = []
+    for inst in instances():
+        try:
+            spec = inst.load()
+            st = status(inst)
+            addr = json.loads(spec.extra["net"])["guest_ip"] if "net" in spec.extra else ""
+            rows.append(Row(inst.name, st.state.value, st.reason, spec.vmm, spec.workspace, addr))
+        except (SandboxError, OSError, ValueError, KeyError) as e:
+            rows.append(Row(inst.name, "broken", str(e), "?", "?", ""))
+    return rows

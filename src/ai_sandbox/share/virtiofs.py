@@ -1,0 +1,60 @@
+"""virtiofs workspace (QEMU): a virtiofsd per sandbox serving the workspace on a vhost-user socket.
+
+virtiofsd creates files with the requesting guest uid, and the guest user has the invoking user's uid,
+so files keep their owner on both sides. Root is the exception (the guest user is uid 1000): see argv.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import time
+from pathlib import Path
+
+from ai_sandbox import runner
+from ai_sandbox.errors import SandboxError, VMError
+from ai_sandbox.vmm import process
+
+CANDIDATES = ("/usr/libexec/virtiofsd", "/usr/lib/qemu/virtiofsd")
+TAG = "workspace"
+
+
+def binary() -> str | None:
+    found = shutil.which("virtiofsd")
+    return found or next((c for c in CANDIDATES if os.access(c, os.X_OK)), None)
+
+
+def argv(source: Path, socket: Path, guest_uid: int, host_uid: int) -> list[str]:
+    exe = binary()
+    if exe is None:
+        raise SandboxError("virtiofsd is not installed", hint="apt-get install qemu-system-x86 (or virtiofsd)")
+    cmd = [exe, f"--socket-path={socket}", "-o", f"source={source}", "-o", "cache=auto", "-o", "no_posix_lock",
+           "-o", "xattr"]
+    if host_uid == 0 and guest_uid != 0:
+        # Invoked as root: virtiofsd runs in a user namespace where the guest user's uid is host root, so the
+        # files the guest user writes belong to the invoking user (virtiofsd writes with the requester's uid).
+        cmd = ["unshare", "--user", f"--map-users=0,{guest_uid},1", f"--map-groups=0,{guest_uid},1", "--keep-caps",
+               "--", *cmd]
+    return cmd
+
+
+def start(source: Path, socket: Path, pid_file: Path, log_file: Path, guest_uid: int) -> int:
+    process.remove(socket)
+    proc = runner.spawn(argv(source, socket, guest_uid, os.getuid()), log_file=log_file)
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise VMError("virtiofsd exited at start", log=str(log_file))
+        if socket.exists():
+            pid_file.write_text(f"{proc.pid}\n")
+            return proc.pid
+        time.sleep(0.05)
+    process.kill(proc.pid)
+    raise VMError("virtiofsd did not open its socket", log=str(log_file))
+
+
+def stop(socket: Path, pid_file: Path) -> None:
+    pid = process.read_pid(pid_file)
+    if pid is not None and process.alive(pid):
+        process.kill(pid, timeout=3)
+    process.remove(socket, pid_file)

@@ -1,0 +1,74 @@
+"""VM tier: boots real guests (KVM where usable, TCG here). Every sandbox runs inside a network namespace the
+test made, whose only uplink leads to a fake internet host (203.0.113.10) in another namespace."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from ai_sandbox.net.netns import FakeInternet, fake_internet
+
+AI = str(Path(sys.executable).with_name("ai"))
+
+
+def pytest_collection_modifyitems(items):
+    for item in items:
+        if "tests/vm/" in str(item.fspath):
+            item.add_marker(pytest.mark.vm)
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _root():
+    if os.geteuid() != 0:
+        pytest.skip("the vm tier needs root (TAP devices, nftables, network namespaces)")
+
+
+@pytest.fixture(scope="session")
+def minimal_image() -> dict[str, str]:
+    """Built in the main namespace (it needs the Debian mirror); sandboxes then reuse it from the cache."""
+    out = subprocess.run([AI, "build", "--image", "minimal", "--json"], capture_output=True, text=True, timeout=1800)
+    assert out.returncode == 0, out.stderr[-3000:]
+    return json.loads(out.stdout)
+
+
+@pytest.fixture(scope="module")
+def topo():
+    with fake_internet() as t:
+        yield t
+
+
+@pytest.fixture(scope="module")
+def state_dir(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("state")
+
+
+class Ai:
+    """Runs the `ai` command as a user would, inside the test's sandbox-host namespace."""
+
+    def __init__(self, topo: FakeInternet, state: Path) -> None:
+        self.topo, self.state = topo, state
+
+    def __call__(self, *args: str, cwd: Path | None = None, check: bool = True, timeout: float = 600,
+                 input: str | None = None) -> subprocess.CompletedProcess[str]:
+        env = {**os.environ, "AI_SANDBOX_STATE": str(self.state), "COLUMNS": "200"}
+        res = subprocess.run(["ip", "netns", "exec", self.topo.host.name, AI, *args], cwd=cwd, env=env, text=True,
+                             capture_output=True, timeout=timeout, input=input)
+        if check and res.returncode != 0:
+            raise AssertionError(f"ai {' '.join(args)} exited {res.returncode}:\n{res.stdout}\n{res.stderr}")
+        return res
+
+    def host(self, *argv: str) -> str:
+        return subprocess.run(["ip", "netns", "exec", self.topo.host.name, *argv], capture_output=True, text=True,
+                              check=True).stdout
+
+
+@pytest.fixture(scope="module")
+def ai(topo, state_dir) -> Ai:
+    runner = Ai(topo, state_dir)
+    yield runner
+    runner("stop", "--all", check=False)
