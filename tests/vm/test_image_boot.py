@@ -76,7 +76,8 @@ def test_rebuild_reuses_and_guest_change_reruns_only_guest_and_disk(minimal_imag
     result = pipeline.build("minimal", guest_files=changed)
     assert result.ran == ["guest", "disk"]
     assert result.artifacts.rootfs != Path(minimal_image["rootfs"])
-    assert "a change of the guest stage only" in _debugfs_cat(result.artifacts.rootfs, "/etc/ssh/sshd_config.d/ai-sandbox.conf")
+    conf = _debugfs_cat(result.artifacts.rootfs, "/etc/ssh/sshd_config.d/ai-sandbox.conf")
+    assert "a change of the guest stage only" in conf
 
 
 @pytest.mark.parametrize("case", ["no-mirror", "no-such-package"])
