@@ -14,13 +14,13 @@ from pathlib import Path
 from ai_sandbox import net, progress
 from ai_sandbox.config import Settings
 from ai_sandbox.errors import NotFound, SandboxError, UsageError, VMError
-from ai_sandbox.guest import LABEL_CONFIG, LABEL_DATA
+from ai_sandbox.guest import LABEL_CONFIG, LABEL_DATA, LABEL_WORKSPACE
 from ai_sandbox.image import pipeline
 from ai_sandbox.image.disk import make_ext4
 from ai_sandbox.session import ssh
-from ai_sandbox.share import virtiofs
+from ai_sandbox.share import sharing, virtiofs
 from ai_sandbox.state import Files, Instance, Spec, instances, name_for_workspace
-from ai_sandbox.vmm import drivers
+from ai_sandbox.vmm import drivers, process
 from ai_sandbox.vmm.base import DirShare, Disk, MachineSpec, NetDevice, State, Status
 
 BOOT_TIMEOUT = float(os.environ.get("AI_SANDBOX_BOOT_TIMEOUT", "300"))
@@ -89,12 +89,10 @@ def create(opts: Options) -> tuple[Instance, Spec]:
 def status(inst: Instance) -> Status:
     spec = inst.load()
     st = drivers.get(spec.vmm).status(inst.vm_files())
-    if st.state is State.RUNNING and spec.share == "virtiofs":
-        from ai_sandbox.vmm import process
-
-        pid = process.read_pid(inst.path(Files.FS_PID))
-        if pid is None or not process.alive(pid):
-            return Status(State.BROKEN, "virtiofsd is gone: the workspace is not shared", st.pid)
+    if st.state is State.RUNNING:
+        helper = {"virtiofs": (Files.FS_PID, "virtiofsd"), "sftp": (Files.SHARE_PID, "the sftp share")}.get(spec.share)
+        if helper and not process.alive_from(inst.path(helper[0])):
+            return Status(State.BROKEN, f"{helper[1]} is gone: the workspace is not shared", st.pid)
     return st
 
 
@@ -120,6 +118,8 @@ def _config_drive(inst: Instance, spec: Spec, cfg: net.NetConfig, user_key: str,
     mounts = []
     if spec.share == "virtiofs":
         mounts.append({"type": "virtiofs", "tag": virtiofs.TAG, "target": "/workspace"})
+    elif spec.share == "copy":
+        mounts.append({"type": "ext4", "label": LABEL_WORKSPACE, "target": "/workspace"})
     data = {
         "hostname": inst.name,
         "user": {"name": "sandbox", "uid": spec.uid, "gid": spec.gid, "authorized_keys": [user_key]},
@@ -181,13 +181,16 @@ def start(inst: Instance, spec: Spec, settings: Settings, skip_optional: bool = 
                 net.up(inst.name, cfg)
             undo.callback(net.down, inst.name)
             shares = ()
+            disks = (Disk("base", arts.rootfs, read_only=True), Disk("data", inst.path(Files.DATA)),
+                     Disk("config", _config_drive(inst, spec, cfg, user_key, host_key), read_only=True))
             if spec.share == "virtiofs":
                 virtiofs.start(Path(spec.workspace), inst.path(Files.FS_SOCK), inst.path(Files.FS_PID),
                                inst.path(Files.FS_LOG), spec.uid)
                 undo.callback(virtiofs.stop, inst.path(Files.FS_SOCK), inst.path(Files.FS_PID))
                 shares = (DirShare(virtiofs.TAG, inst.path(Files.FS_SOCK)),)
-            disks = (Disk("base", arts.rootfs, read_only=True), Disk("data", inst.path(Files.DATA)),
-                     Disk("config", _config_drive(inst, spec, cfg, user_key, host_key), read_only=True))
+            elif spec.share == "copy":
+                disks += (Disk("workspace", sharing.copy_in(inst, spec)),)
+                undo.callback(sharing.copy_discard, inst)
             mspec = MachineSpec(
                 name=inst.name, vcpus=spec.cpus, memory_mib=spec.memory_mib, kernel=arts.kernel,
                 vmlinux=arts.vmlinux, initrd=arts.initrd, cmdline="panic=-1 quiet loglevel=3",
@@ -198,9 +201,11 @@ def start(inst: Instance, spec: Spec, settings: Settings, skip_optional: bool = 
                 driver.start(mspec)
                 undo.callback(driver.stop, inst.vm_files(), 5)
                 pid = driver.status(inst.vm_files()).pid
-                from ai_sandbox.vmm import process
-
                 asyncio.run(ssh.wait_ready(t, BOOT_TIMEOUT, lambda: pid is not None and process.alive(pid)))
+            if spec.share == "sftp":
+                with progress.step("workspace (sftp)"):
+                    sharing.sftp_start(inst)
+                undo.callback(sharing.sftp_stop, inst)
             undo.pop_all()
         net.reconcile(n.name for n in instances() if _is_up(n))
         return t
@@ -213,8 +218,16 @@ def _is_up(inst: Instance) -> bool:
 
 
 def _stop_parts(inst: Instance, spec: Spec, timeout: float = 30) -> None:
+    """Stop the share, the VM, virtiofsd and the network; copy mode syncs back once the guest is off."""
+    sharing.sftp_stop(inst)
     drivers.get(spec.vmm).stop(inst.vm_files(), timeout)
     virtiofs.stop(inst.path(Files.FS_SOCK), inst.path(Files.FS_PID))
+    if spec.share == "copy":
+        report = sharing.copy_out(inst, spec)
+        if report is not None:
+            progress.info(f"workspace synced back: {report.summary()}")
+            for path, kept in report.conflicts:
+                progress.info(f"conflict: {path} changed on both sides; the guest's version is {kept}")
     net.down(inst.name)
 
 

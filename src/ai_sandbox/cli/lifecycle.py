@@ -92,6 +92,7 @@ def stop(
 ) -> None:
     """Stop a sandbox (its disk and state stay; `ai start` resumes it)."""
     targets = list(sandbox.instances()) if all_ else [sandbox.existing(name)]
+    ui.show_progress()
     for inst in targets:
         sandbox.stop(inst)
         ui.err.print(f"stopped {inst.name}", highlight=False)
@@ -103,6 +104,7 @@ def rm(
 ) -> None:
     """Delete a sandbox and its disk (never the workspace)."""
     inst = sandbox.existing(name)
+    ui.show_progress()
     sandbox.remove(inst, force)
     ui.err.print(f"removed {inst.name}", highlight=False)
 

@@ -31,6 +31,12 @@ def alive(pid: int) -> bool:
         return False
 
 
+def alive_from(pid_file: Path) -> bool:
+    """True when the pid file names a live process."""
+    pid = read_pid(pid_file)
+    return pid is not None and alive(pid)
+
+
 def wait_gone(pid: int, timeout: float) -> bool:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
