@@ -46,7 +46,7 @@ def _register() -> None:
     # Commands that live in their own modules register themselves when present.
     import importlib
 
-    for mod in ("lifecycle", "setup", "policy"):
+    for mod in ("lifecycle", "setup", "policy", "info"):
         try:
             m = importlib.import_module(f"ai_sandbox.cli.{mod}")
         except ModuleNotFoundError as e:

@@ -1,0 +1,61 @@
+"""The command line as a user meets it: exit codes and one-line errors, without root or VMs."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from ai_sandbox import doctor
+
+pytestmark = pytest.mark.unit
+AI = str(Path(sys.executable).with_name("ai"))
+
+
+def ai(*args: str, cwd: Path, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    import os
+
+    base = {k: v for k, v in os.environ.items() if not k.startswith(("FC_", "AI_"))}
+    return subprocess.run([AI, *args], cwd=cwd, env={**base, "AI_SANDBOX_STATE": str(cwd / "state"), **(env or {})},
+                          capture_output=True, text=True, timeout=60)
+
+
+def _one_error(res: subprocess.CompletedProcess[str]) -> str:
+    errors = [ln for ln in res.stderr.splitlines() if ln.startswith("error:")]
+    assert len(errors) == 1, res.stderr
+    return errors[0]
+
+
+def test_bad_setting_from_dotenv(tmp_path):
+    (tmp_path / ".env").write_text("FC_MEM=lots\n")
+    res = ai("start", "--detach", cwd=tmp_path)
+    assert res.returncode == 2
+    assert _one_error(res).startswith("error: FC_MEM=lots (from .env)")
+    assert not (tmp_path / "state").exists()
+
+
+def test_secret_value_never_echoed(tmp_path):
+    res = ai("start", "--detach", "--cpus", "100000", cwd=tmp_path, env={"ANTHROPIC_API_KEY": "sk-ant-xyz-secret"})
+    assert res.returncode == 2 and "sk-ant-xyz-secret" not in res.stdout + res.stderr
+    assert "FC_VCPU=100000 (from command line)" in _one_error(res)
+
+
+def test_unknown_sandbox_and_recipe(tmp_path):
+    res = ai("exec", "--name", "nope", "--", "true", cwd=tmp_path)
+    assert res.returncode == 2 and "no sandbox named 'nope'" in _one_error(res)
+    res = ai("build", "--image", "no-such-recipe", cwd=tmp_path)
+    assert res.returncode == 2 and "unknown recipe" in _one_error(res)
+
+
+def test_version_and_architecture(tmp_path):
+    assert ai("version", cwd=tmp_path).stdout.startswith("ai-sandbox ")
+    assert "Firecracker" in ai("architecture", cwd=tmp_path).stdout
+
+
+def test_doctor_reports_missing_tools(monkeypatch):
+    monkeypatch.setattr(doctor.shutil, "which", lambda cmd: None if cmd == "mmdebstrap" else f"/usr/bin/{cmd}")
+    found = {c.name: c for c in doctor.checks()}
+    assert not found["mmdebstrap"].ok and found["mmdebstrap"].fix == "apt-get install mmdebstrap"
+    assert found["qemu-system-x86_64"].ok
