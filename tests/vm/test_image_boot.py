@@ -3,6 +3,7 @@ written on the first boot across a second boot. Also: cache reuse and which stag
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import subprocess
@@ -98,3 +99,20 @@ def test_bad_build_input_is_one_line_and_leaves_nothing(case, tmp_path):
     assert log.is_file() and log.stat().st_size > 0
     stages = tmp_path / "cache" / "stages"
     assert not stages.exists() or list(stages.iterdir()) == []
+
+
+def test_unreachable_optional_tool_is_left_out_and_recorded(minimal_image, tmp_path):
+    minimal = (files_dir().parent.parent / "image/builtin/minimal.toml").read_text()
+    recipe = tmp_path / "opt.toml"
+    recipe.write_text(minimal.replace('name = "minimal"', 'name = "optprobe"') + "\n[[tools]]\n"
+                      'name = "ghost"\nkind = "npm"\npackages = ["ai-sandbox-no-such-npm-package-zz"]\n'
+                      'bins = ["ghost"]\noptional = true\n')
+    res = subprocess.run([AI, "build", "--image", str(recipe), "--json"], capture_output=True, text=True, timeout=900)
+    assert res.returncode == 0, res.stderr[-2000:]
+    manifest = json.loads(Path(json.loads(res.stdout)["manifest"]).read_text())
+    assert manifest["missing_optional"] == ["ghost"] and "ghost" not in manifest["tools"]
+    assert "optional tool ghost left out" in res.stderr
+    skipped = subprocess.run([AI, "build", "--image", str(recipe), "--skip-optional", "--json"], capture_output=True,
+                             text=True, timeout=900)
+    assert skipped.returncode == 0
+    assert json.loads(Path(json.loads(skipped.stdout)["manifest"]).read_text())["missing_optional"] == ["ghost"]

@@ -76,6 +76,13 @@ def host_checks() -> None:
         raise UsageError(f"{BUSYBOX} is not a static busybox", hint="install the busybox-static package")
 
 
+def _failed_optional(tools_dir: Path) -> list[str]:
+    try:
+        return json.loads((tools_dir / tools_stage.MISSING).read_text())
+    except (OSError, ValueError):
+        return []
+
+
 class Pipeline:
     def __init__(self, ref: str, *, skip_optional: bool = False, guest_files: Path | None = None,
                  cache: Cache | None = None) -> None:
@@ -137,6 +144,7 @@ class Pipeline:
                      "modules": list(initramfs.MODULES), "code": _code(kernel, initramfs)}
         kdir = self._stage("kernel", kernel_in, "kernel" in force,
                            lambda w, lf: kernel.build_kernel(base / "root", w, init, BUSYBOX))
+        missing += _failed_optional(tools_dir)
         manifest = self._write_manifest(base, tools_dir, guest_dir, disk_dir, kdir, missing)
         arts = Artifacts(kdir / "vmlinuz", kdir / "vmlinux", kdir / "initrd.img", disk_dir / "rootfs.ext4", manifest)
         for p in (arts.kernel, arts.vmlinux, arts.initrd, arts.rootfs):

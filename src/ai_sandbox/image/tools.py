@@ -6,16 +6,19 @@ goes away with the namespace), not on the host. The host's resolver and TLS trus
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 from pathlib import Path
 
-from ai_sandbox import runner
+from ai_sandbox import progress, runner
+from ai_sandbox.errors import SandboxError
 from ai_sandbox.image.recipe import Tool
 from ai_sandbox.image.rootfs import copy_tree
 
 TOOLS_PREFIX = "/opt/ai-tools"
 _HOST_CA = "/tmp/.ai-sandbox-host-ca.crt"
+MISSING = "missing-optional.json"  # optional tools that could not be installed, beside the stage's tree
 
 
 def chroot_argv(root: Path, argv: list[str]) -> list[str]:
@@ -81,6 +84,7 @@ def build_tools(base_root: Path, out: Path, tools: list[Tool], log_file: Path) -
     root = out / "root"
     copy_tree(base_root, root)
     if not tools:
+        (out / MISSING).write_text("[]")
         return root
     resolv = root / "etc/resolv.conf"
     saved = resolv.read_bytes() if resolv.is_file() and not resolv.is_symlink() else None
@@ -91,9 +95,18 @@ def build_tools(base_root: Path, out: Path, tools: list[Tool], log_file: Path) -
         shutil.copyfile(ca, root / _HOST_CA.lstrip("/"))
     env = _tool_env()
     try:
+        failed = []
         for tool in tools:
-            {"npm": _install_npm, "go": _install_go}[tool.kind](root, tool, env, log_file)
-            _link_bins(root, tool)
+            try:
+                {"npm": _install_npm, "go": _install_go}[tool.kind](root, tool, env, log_file)
+                _link_bins(root, tool)
+            except (SandboxError, OSError) as e:
+                if not tool.optional:
+                    raise
+                # An optional tool whose source cannot be reached is left out and recorded, not fatal.
+                progress.info(f"optional tool {tool.name} left out: {e}")
+                failed.append(tool.name)
+        (out / MISSING).write_text(json.dumps(failed))
     finally:
         resolv.unlink(missing_ok=True)
         (root / _HOST_CA.lstrip("/")).unlink(missing_ok=True)
