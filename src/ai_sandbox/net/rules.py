@@ -13,8 +13,12 @@ Layout of `table inet ai_sandbox` (the only table we own):
 
 The hook chains hold only fixed rules and are rewritten whole on every `up` (atomically, so never duplicated);
 each sandbox owns three regular chains plus one element in each map, all named from its id, so removing a
-sandbox is exact. Egress modes plug in as the body of `sb_<id>`: after the fixed guards come the mode's rules,
-then an explicit drop. Mode "nat" is a single accept.
+sandbox is exact. Egress modes (`policy.py`) plug in as the body of `sb_<id>`: after the fixed guards come the
+mode's rules, then an explicit drop. Mode "nat" is a single accept.
+
+Both `sb_<id>` and `in_<id>` start by dropping IPv6 and anything not sent from the guest's own MAC and IPv4
+address: guest root can forge both, and nothing in the guest enforces anything. ARP is not filtered here; on a
+routed /30 the host resolves only the guest's own address on that TAP, so a forged ARP has nothing to take over.
 """
 
 from __future__ import annotations
@@ -121,11 +125,19 @@ def base_commands() -> list[dict[str, Any]]:
     return cmds
 
 
+def _not_the_guest(cfg: NetConfig) -> list[Rule]:
+    """IPv6, and frames or packets not sent from the guest's own MAC and address (a guest root may forge both)."""
+    return [
+        [match(meta("nfproto"), "ipv4", "!="), DROP],
+        [match(field("ether", "saddr"), cfg.mac, "!="), DROP],
+        [match(field("ip", "saddr"), str(cfg.guest_ip), "!="), DROP],
+    ]
+
+
 def _guards(cfg: NetConfig) -> list[Rule]:
     """What no egress mode may allow: IPv6, spoofed sources, link-local/metadata, the sandbox pool."""
     return [
-        [match(meta("nfproto"), "ipv4", "!="), DROP],
-        [match(field("ip", "saddr"), str(cfg.guest_ip), "!="), DROP],
+        *_not_the_guest(cfg),
         [match(field("ip", "daddr"), prefix(METADATA)), DROP],
         [match(field("ip", "daddr"), prefix(cfg.pool)), DROP],
     ]
@@ -139,8 +151,7 @@ def forward_rules(cfg: NetConfig, uplink: str, egress: Sequence[Rule]) -> list[R
 def input_rules(cfg: NetConfig, host_ports: Sequence[int]) -> list[Rule]:
     """Body of in_<id>: the guest reaches only its own gateway address, with ICMP and the listed TCP ports."""
     rules: list[Rule] = [
-        [match(meta("nfproto"), "ipv4", "!="), DROP],
-        [match(field("ip", "saddr"), str(cfg.guest_ip), "!="), DROP],
+        *_not_the_guest(cfg),
         [match(field("ip", "daddr"), str(cfg.host_ip), "!="), DROP],  # another sandbox's gateway, the uplink, ...
         [ESTABLISHED, ACCEPT],
         [match(meta("l4proto"), "icmp"), ACCEPT],
