@@ -1,7 +1,7 @@
 """Sandbox start: time from `ai start` to the first `ai exec` answer, and the VMM's host memory (RSS, PSS).
 
-Usage (root): python benchmarks/start.py [--image minimal]. Runs inside a throwaway network namespace with no
-uplink (the guest needs none for this), names the machine and accelerator, and removes the sandbox afterwards.
+Usage (root): python benchmarks/start.py [--image minimal]. Runs inside throwaway test network namespaces (the
+uplink leads only to a fake internet namespace), names the machine and accelerator, removes the sandbox after.
 """
 
 from __future__ import annotations
@@ -15,6 +15,7 @@ import tempfile
 import time
 from pathlib import Path
 
+from ai_sandbox.net.netns import fake_internet
 from ai_sandbox.vmm.kvm import kvm_unusable
 
 AI = str(Path(sys.executable).with_name("ai"))
@@ -35,14 +36,16 @@ def main() -> None:
     ap.add_argument("--memory", default="1024")
     args = ap.parse_args()
     subprocess.run([AI, "build", "--image", args.image], check=True, capture_output=True)
-    ns = f"aibench-{os.getpid()}"
-    subprocess.run(["ip", "netns", "add", ns], check=True)
+    topo_cm = fake_internet()  # the sandbox host namespace; its only uplink leads to a test namespace
+    ns = topo_cm.__enter__().host.name
     state = tempfile.mkdtemp(prefix="ai-bench-state-")
     ws = tempfile.mkdtemp(prefix="ai-bench-ws-")
     env = {**os.environ, "AI_SANDBOX_STATE": state}
 
     def ai(*a: str) -> None:
-        subprocess.run(["ip", "netns", "exec", ns, AI, *a], check=True, capture_output=True, env=env)
+        res = subprocess.run(["ip", "netns", "exec", ns, AI, *a], capture_output=True, text=True, env=env)
+        if res.returncode != 0:
+            raise SystemExit(f"ai {' '.join(a)} failed: {res.stderr.strip()}")
 
     try:
         t0 = time.monotonic()
@@ -56,7 +59,7 @@ def main() -> None:
         mem = _mem_kib(pid)
     finally:
         subprocess.run(["ip", "netns", "exec", ns, AI, "rm", "--force", "bench"], env=env, capture_output=True)
-        subprocess.run(["ip", "netns", "del", ns])
+        topo_cm.__exit__(None, None, None)
     print(json.dumps({
         "machine": f"{os.uname().machine} {os.cpu_count()} CPUs", "accelerator": "tcg" if kvm_unusable() else "kvm",
         "guest_memory_mib": int(args.memory), "start_to_first_exec_s": round(first_exec, 1),

@@ -33,7 +33,7 @@ class Settings(BaseSettings):
     image: str = Field(default="default", validation_alias="AI_IMAGE")
     vmm: Literal["auto", "qemu", "firecracker"] = Field(default="auto", validation_alias="AI_VMM")
     share: Literal["auto", "virtiofs", "sftp", "copy"] = Field(default="auto", validation_alias="AI_SHARE")
-    network: Literal["nat", "open", "proxy", "offline"] = Field(default="nat", validation_alias="AI_NETWORK")
+    network: Literal["proxy", "open", "offline", "nat"] = Field(default="proxy", validation_alias="AI_NETWORK")
     net_pool: str = Field(default="10.213.0.0/16", validation_alias="AI_SANDBOX_NET_POOL")
     ollama_host: str = Field(default="", validation_alias="OLLAMA_HOST")
     egress_allow_ip: str = Field(default="", validation_alias="EGRESS_ALLOW_IP")

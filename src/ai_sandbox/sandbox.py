@@ -11,12 +11,13 @@ from dataclasses import dataclass
 from ipaddress import IPv4Network
 from pathlib import Path
 
-from ai_sandbox import net, progress
+from ai_sandbox import net, progress, proxy_up
 from ai_sandbox.config import Settings
 from ai_sandbox.errors import NotFound, SandboxError, UsageError, VMError
 from ai_sandbox.guest import LABEL_CONFIG, LABEL_DATA, LABEL_WORKSPACE
 from ai_sandbox.image import pipeline
 from ai_sandbox.image.disk import make_ext4
+from ai_sandbox.net import policy
 from ai_sandbox.session import ssh
 from ai_sandbox.share import sharing, virtiofs
 from ai_sandbox.state import Files, Instance, Spec, instances, name_for_workspace
@@ -78,12 +79,31 @@ def create(opts: Options) -> tuple[Instance, Spec]:
         spec = inst.load()
         spec.cpus, spec.memory_mib = s.vcpus, s.memory_mib
         return inst, spec
+    egress_policy(s.network, s)  # bad policy input fails before anything is made
     driver = drivers.choose(s.vmm)
     uid, gid = guest_ids()
     spec = Spec(name=inst.name, workspace=str(ws), image=s.image, vmm=driver.name, cpus=s.vcpus,
                 memory_mib=s.memory_mib, share=_share_mode(s, driver), network=s.network, uid=uid, gid=gid,
                 workspace_size_mib=s.workspace_size_mib)
     return inst, spec
+
+
+def egress_policy(mode: str, settings: Settings) -> policy.EgressPolicy:
+    return policy.parse(mode, settings.egress_allow_ip, settings.egress_allow_tcp_ports)
+
+
+def host_resolvers() -> list[str]:
+    """Name servers the guest can use in `open`/`nat` modes: the host's own, minus loopback stubs."""
+    found: list[str] = []
+    for f in (Path("/run/systemd/resolve/resolv.conf"), Path("/etc/resolv.conf")):
+        if f.is_file():
+            for line in f.read_text().splitlines():
+                parts = line.split()
+                if len(parts) >= 2 and parts[0] == "nameserver" and not parts[1].startswith(("127.", "::1")):
+                    found.append(parts[1])
+            if found:
+                break
+    return found
 
 
 def status(inst: Instance) -> Status:
@@ -93,6 +113,8 @@ def status(inst: Instance) -> Status:
         helper = {"virtiofs": (Files.FS_PID, "virtiofsd"), "sftp": (Files.SHARE_PID, "the sftp share")}.get(spec.share)
         if helper and not process.alive_from(inst.path(helper[0])):
             return Status(State.BROKEN, f"{helper[1]} is gone: the workspace is not shared", st.pid)
+        if spec.network == "proxy" and not proxy_up.running(inst):
+            return Status(State.BROKEN, "the egress proxy is gone: the guest has no way out", st.pid)
     return st
 
 
@@ -114,7 +136,8 @@ def _used_subnets(me: str) -> set[IPv4Network]:
     return used
 
 
-def _config_drive(inst: Instance, spec: Spec, cfg: net.NetConfig, user_key: str, host_key: tuple[str, str]) -> Path:
+def _config_drive(inst: Instance, spec: Spec, cfg: net.NetConfig, user_key: str, host_key: tuple[str, str],
+                  settings: Settings) -> Path:
     mounts = []
     if spec.share == "virtiofs":
         mounts.append({"type": "virtiofs", "tag": virtiofs.TAG, "target": "/workspace"})
@@ -125,10 +148,14 @@ def _config_drive(inst: Instance, spec: Spec, cfg: net.NetConfig, user_key: str,
         "user": {"name": "sandbox", "uid": spec.uid, "gid": spec.gid, "authorized_keys": [user_key]},
         "ssh_host_key": {"private": host_key[0], "public": host_key[1]},
         "network": {"address": f"{cfg.guest_ip}/{cfg.prefix}", "gateway": str(cfg.host_ip), "mac": cfg.mac,
-                    "dns": [str(cfg.host_ip)]},
+                    "dns": host_resolvers() if spec.network in ("nat", "open") else []},
         "environment": {"AI_SANDBOX": inst.name},
         "mounts": mounts,
     }
+    if spec.network == "proxy":
+        data["environment"] |= proxy_up.guest_environment(cfg, settings)
+        data["ca_certificates"] = [proxy_up.configure(inst, cfg, settings)]
+        data["apt_proxy"] = proxy_up.apt_proxy(cfg)
     with tempfile.TemporaryDirectory() as tmp:
         Path(tmp, "config.json").write_text(json.dumps(data, indent=2))
         Path(tmp, "config.json").chmod(0o600)
@@ -177,12 +204,15 @@ def start(inst: Instance, spec: Spec, settings: Settings, skip_optional: bool = 
             t = target(inst, spec)
             ssh.write_known_hosts(t, host_key[1])
             inst.path(Files.SSH_CONFIG).write_text(ssh.render_config(t))
-            with progress.step("network"):
-                net.up(inst.name, cfg)
+            egress = egress_policy(spec.network, settings)
+            with progress.step(f"network ({egress.mode})"):
+                net.up(inst.name, cfg, policy.host_ports(egress), egress=policy.egress_rules(egress))
             undo.callback(net.down, inst.name)
+            if spec.network == "proxy":
+                undo.callback(proxy_up.stop, inst)
             shares = ()
             disks = (Disk("base", arts.rootfs, read_only=True), Disk("data", inst.path(Files.DATA)),
-                     Disk("config", _config_drive(inst, spec, cfg, user_key, host_key), read_only=True))
+                     Disk("config", _config_drive(inst, spec, cfg, user_key, host_key, settings), read_only=True))
             if spec.share == "virtiofs":
                 virtiofs.start(Path(spec.workspace), inst.path(Files.FS_SOCK), inst.path(Files.FS_PID),
                                inst.path(Files.FS_LOG), spec.uid)
@@ -196,6 +226,8 @@ def start(inst: Instance, spec: Spec, settings: Settings, skip_optional: bool = 
                 vmlinux=arts.vmlinux, initrd=arts.initrd, cmdline="panic=-1 quiet loglevel=3",
                 files=inst.vm_files(), disks=disks, net=NetDevice(cfg.tap, cfg.mac), shares=shares,
             )
+            if spec.network == "proxy":
+                proxy_up.start(inst, cfg, settings)  # after the config drive: that wrote its config and CA
             inst.path(Files.CONSOLE).write_text("")
             with progress.step(f"boot ({driver.name})"):
                 driver.start(mspec)
@@ -221,6 +253,7 @@ def _stop_parts(inst: Instance, spec: Spec, timeout: float = 30) -> None:
     """Stop the share, the VM, virtiofsd and the network; copy mode syncs back once the guest is off."""
     sharing.sftp_stop(inst)
     drivers.get(spec.vmm).stop(inst.vm_files(), timeout)
+    proxy_up.stop(inst)
     virtiofs.stop(inst.path(Files.FS_SOCK), inst.path(Files.FS_PID))
     if spec.share == "copy":
         report = sharing.copy_out(inst, spec)

@@ -42,6 +42,12 @@ class Files:
     SHARE_PID = "share.pid"
     SHARE_LOG = "share.log"
     COPY_MANIFEST = "copy-manifest.json"
+    PROXY_CONFIG = "proxy.json"
+    POLICY = "policy.json"  # beside PROXY_CONFIG: the proxy's default policy file
+    PROXY_CA = "proxy-ca"
+    PROXY_LOG = "proxy-requests.log"
+    PROXY_DAEMON_LOG = "proxy.log"
+    PROXY_PID = "proxy.pid"
 
 
 _NAME = re.compile(r"^[a-z0-9][a-z0-9-]{0,23}$")

@@ -29,7 +29,7 @@ def ws(tmp_path_factory) -> Path:
 @pytest.fixture(scope="module")
 def started(ai, ws, minimal_image):
     ai("start", "--name", "lc", "--workspace", str(ws), "--image", "minimal", "--detach", "--cpus", "2",
-       "--memory", "1024")
+       "--memory", "1024", "--network", "nat")
     return "lc"
 
 

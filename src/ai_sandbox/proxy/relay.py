@@ -1,0 +1,176 @@
+"""One request and its response, relayed between the guest and an upstream server.
+
+Inside an intercepted tunnel every request must name the tunnel's own host, gets the credentials of that host put
+in, and goes on over TLS (verified against the system's trust store) on a kept-alive upstream connection. Plain
+HTTP requests go out on a fresh connection each and never get a credential: that would be a secret in clear text.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ssl
+from dataclasses import dataclass
+from urllib.parse import urlsplit
+
+from ai_sandbox.proxy.broker import Broker
+from ai_sandbox.proxy.log import ALLOW, DENY, RequestLog
+from ai_sandbox.proxy.wire import (
+    BUFFER,
+    UNTIL_CLOSE,
+    BadMessage,
+    Head,
+    Header,
+    copy_body,
+    end_to_end,
+    pipe,
+    read_head,
+    render,
+    request_framing,
+    response_framing,
+    split_authority,
+)
+
+CONNECT_TIMEOUT = 15.0
+
+
+class Failed(Exception):
+    """A request that ends here: refused by the policy (deny) or failed upstream (allow, but 502)."""
+
+    def __init__(self, status: int, reason: str, verdict: str = DENY) -> None:
+        super().__init__(reason)
+        self.status, self.reason, self.verdict = status, reason, verdict
+
+
+@dataclass
+class Upstream:
+    reader: asyncio.StreamReader
+    writer: asyncio.StreamWriter
+    reused: bool = False
+
+    def close(self) -> None:
+        self.writer.close()
+
+
+@dataclass(frozen=True)
+class Target:
+    host: str
+    port: int
+    addresses: list[str]
+    tls: bool  # intercepted: talk TLS upstream and put credentials in
+
+
+async def open_upstream(target: Target, tls_context: ssl.SSLContext) -> Upstream:
+    """A connection to the first of the target's checked addresses that answers; raises Failed."""
+    tls = tls_context if target.tls else None
+    last: Exception | None = None
+    for address in target.addresses:
+        try:
+            opening = asyncio.open_connection(
+                address, target.port, ssl=tls, server_hostname=target.host if tls else None, limit=BUFFER
+            )
+            reader, writer = await asyncio.wait_for(opening, CONNECT_TIMEOUT)
+            return Upstream(reader, writer)
+        except (OSError, TimeoutError) as e:
+            last = e
+    untrusted = isinstance(last, ssl.SSLCertVerificationError)
+    raise Failed(502, "upstream certificate not trusted" if untrusted else "upstream unreachable", ALLOW)
+
+
+class Relay:
+    def __init__(self, broker: Broker, log: RequestLog, tls_context: ssl.SSLContext) -> None:
+        self.broker, self.log, self.tls_context = broker, log, tls_context
+
+    async def forward(
+        self, head: Head, path: str, headers: list[Header], target: Target, upstream: Upstream | None,
+        reader: asyncio.StreamReader, writer: asyncio.StreamWriter, why: str = "intercepted",
+    ) -> tuple[Upstream | None, bool]:  # fmt: skip
+        """One request and its response; returns the upstream connection to reuse (if any) and whether to go on."""
+        method, framing = head.first[0], request_framing(head)
+        upgrade = target.tls and "upgrade" in (v.lower() for v in head.values("connection"))
+        headers = end_to_end(headers, ("connection", "upgrade") if upgrade else ())
+        if any(k.lower() == "expect" and v.lower() == "100-continue" for k, v in headers):
+            # The guest waits for this before sending its body; we stream the body as it comes either way.
+            headers = [(k, v) for k, v in headers if k.lower() != "expect"]
+            writer.write(b"HTTP/1.1 100 Continue\r\n\r\n")
+        used: list[str] = []
+        if target.tls:
+            headers, path, used = self.broker.apply(headers, path, target.host)
+        else:
+            headers.append(("Connection", "close"))
+        request = render((method, path, "HTTP/1.1"), headers)
+        upstream, response = await self._exchange(request, reader, framing, target, upstream)
+        try:
+            framing_up = response_framing(response, method)
+        except BadMessage:
+            upstream.close()
+            raise
+        status = int(response.first[1])
+        upgraded = upgrade and status == 101
+        keep_up = target.tls and not upgraded and framing_up != UNTIL_CLOSE and not response.wants_close()
+        keep = not upgraded and framing_up != UNTIL_CLOSE and not head.wants_close()
+        out = end_to_end(response.headers, ("connection", "upgrade") if upgraded else ())
+        if not keep and not upgraded:
+            out.append(("Connection", "close"))
+        if status == 101 and not upgraded:
+            upstream.close()
+            raise Failed(502, "upstream switched protocols unasked", ALLOW)
+        writer.write(render(("HTTP/1.1", response.first[1], response.first[2]), out))
+        reason = why + (f"; credential {', '.join(used)}" if used else "")
+        self.log.record(method, target.host, target.port, ALLOW, reason, status)
+        try:
+            await copy_body(upstream.reader, writer, framing_up, 502)
+            if upgraded:
+                await pipe(reader, writer, upstream.reader, upstream.writer)
+        except (BadMessage, OSError, asyncio.IncompleteReadError):
+            keep = keep_up = False
+        if not keep_up:
+            upstream.close()
+        return (upstream if keep_up else None), keep
+
+    async def _exchange(
+        self, request: bytes, reader: asyncio.StreamReader, framing: int, target: Target, upstream: Upstream | None
+    ) -> tuple[Upstream, Head]:
+        """Send the request (and stream its body), read the final response head (1xx are dropped).
+
+        A kept-alive upstream connection that turns out closed is reopened once, for requests without a body.
+        """
+        for attempt in (1, 2):
+            if upstream is None:
+                upstream = await open_upstream(target, self.tls_context)
+            try:
+                upstream.writer.write(request)
+                await copy_body(reader, upstream.writer, framing, 400)
+                response = await read_head(upstream.reader, request=False)
+                while int(response.first[1]) < 200 and response.first[1] != "101":
+                    response = await read_head(upstream.reader, request=False)
+                upstream.reused = True
+                return upstream, response
+            except (EOFError, ConnectionError) as e:
+                upstream.close()
+                if attempt == 1 and upstream.reused and framing == 0:
+                    upstream = None
+                    continue
+                raise Failed(502, "upstream closed the connection", ALLOW) from e
+            except BadMessage:
+                upstream.close()
+                raise
+        raise AssertionError("unreachable")
+
+
+def inner_target(head: Head, target: Target) -> str:
+    """The origin-form path of a request inside an intercepted tunnel; refuses any other host than the tunnel's."""
+    raw = head.first[1]
+    authorities = [v for k, v in head.headers if k.lower() == "host"]
+    path = raw
+    if not raw.startswith("/") and raw != "*":
+        url = urlsplit(raw)
+        if url.scheme.lower() != "https" or not url.netloc:
+            raise BadMessage("malformed request target")
+        authorities.append(url.netloc)
+        path = (url.path or "/") + (f"?{url.query}" if url.query else "")
+    if not authorities or len([k for k, _ in head.headers if k.lower() == "host"]) > 1:
+        raise BadMessage("exactly one Host header expected")
+    for authority in authorities:
+        if split_authority(authority, 443) != (target.host, target.port):
+            raise Failed(403, "Host differs from the CONNECT target")
+    return path

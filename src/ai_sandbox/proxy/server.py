@@ -1,0 +1,275 @@
+"""The egress proxy of one sandbox: an HTTP/1.1 forward proxy with a domain policy and a credential broker.
+
+    GET http://host/…   policy → resolve → forward over plain TCP (placeholders stay: never a secret in clear text)
+    CONNECT host:port   policy → resolve → blind tunnel; or, when the host has a credential, TLS is terminated
+                        with a leaf of the sandbox CA, each request is checked (Host = CONNECT target), gets its
+                        credentials and goes on over TLS verified against the system's trust store
+
+The proxy resolves names itself and connects only to the addresses it checked, so a name that resolves to a
+private, loopback or link-local address (DNS rebinding) is refused unless `allowed_networks` names it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import ipaddress
+import logging
+import socket
+import ssl
+import threading
+from collections.abc import Awaitable, Callable, Iterator, Mapping
+from pathlib import Path
+from urllib.parse import urlsplit
+
+from ai_sandbox.proxy import ProxyConfig
+from ai_sandbox.proxy.broker import Broker
+from ai_sandbox.proxy.ca import LeafCache, load_or_create, sni_of
+from ai_sandbox.proxy.log import ALLOW, DENY, RequestLog
+from ai_sandbox.proxy.relay import CONNECT_TIMEOUT, Failed, Relay, Target, Upstream, inner_target, open_upstream
+from ai_sandbox.proxy.rules import Policy, PolicyFile, ip_literal, normalize_host, parse_networks
+from ai_sandbox.proxy.wire import BadMessage, Head, error_response, pipe, read_head, request_framing, split_authority
+
+log = logging.getLogger(__name__)
+
+Resolver = Callable[[str, int], Awaitable[list[str]]]
+PLAIN_METHODS = {"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"}
+IDLE_TIMEOUT = 120.0
+TLS_TIMEOUT = 30.0
+MAX_CONNECTIONS = 512
+LINGER_SECONDS = 2.0
+LINGER_BYTES = 1 << 20
+
+
+async def system_resolver(host: str, port: int) -> list[str]:
+    infos = await asyncio.get_running_loop().getaddrinfo(host, port, type=socket.SOCK_STREAM)
+    return list(dict.fromkeys(str(info[4][0]) for info in infos))
+
+
+def mapped_resolver(hosts: Mapping[str, list[str]], fallback: Resolver | None = system_resolver) -> Resolver:
+    """Names in `hosts` resolve to the listed addresses; others go to `fallback` (None: they fail)."""
+    table = {normalize_host(k): list(v) for k, v in hosts.items()}
+
+    async def resolve(host: str, port: int) -> list[str]:
+        if host in table:
+            return table[host]
+        if fallback is None:
+            raise OSError(f"unknown host {host}")
+        return await fallback(host, port)
+
+    return resolve
+
+
+def upstream_context(extra_ca: str | None) -> ssl.SSLContext:
+    ctx = ssl.create_default_context()
+    if extra_ca:
+        ctx.load_verify_locations(extra_ca)
+    ctx.set_alpn_protocols(["http/1.1"])
+    return ctx
+
+
+def policy_of(cfg: ProxyConfig) -> PolicyFile:
+    base = Policy(tuple(cfg.allow), tuple(cfg.deny), tuple(cfg.ports), parse_networks(cfg.allowed_networks),
+                  parse_networks(cfg.blocked_networks))  # fmt: skip
+    return PolicyFile(Path(cfg.policy_file) if cfg.policy_file else None, base)
+
+
+class ProxyServer:
+    def __init__(
+        self, cfg: ProxyConfig, secrets: Mapping[str, str], *, resolver: Resolver | None = None,
+        policy: PolicyFile | None = None,
+    ) -> None:  # fmt: skip
+        self.cfg = cfg
+        self.policy = policy or policy_of(cfg)
+        self.broker = Broker(cfg.credentials, secrets)
+        self.leaves = LeafCache(load_or_create(Path(cfg.ca_dir)))
+        self.log = RequestLog(Path(cfg.log), cfg.sandbox)
+        self.resolver = resolver or mapped_resolver(cfg.hosts)
+        self.upstream_tls = upstream_context(cfg.upstream_ca)
+        self.relay = Relay(self.broker, self.log, self.upstream_tls)
+        self.max_connections = MAX_CONNECTIONS
+        self._server: asyncio.Server | None = None
+        self._tasks: set[asyncio.Task[None]] = set()
+
+    async def start(self, sock: socket.socket | None = None) -> None:
+        """Listen on cfg.listen:cfg.port, or on an already-listening socket."""
+        if sock is not None:
+            self._server = await asyncio.start_server(self._client, sock=sock)
+        else:
+            self._server = await asyncio.start_server(self._client, self.cfg.listen, self.cfg.port)
+
+    @property
+    def port(self) -> int:
+        assert self._server is not None
+        return int(self._server.sockets[0].getsockname()[1])
+
+    async def aclose(self) -> None:
+        """Stop listening, end every connection, close the log."""
+        if self._server is not None:
+            self._server.close()
+        for task in list(self._tasks):
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        if self._server is not None:
+            await self._server.wait_closed()
+        self.log.close()
+
+    async def _client(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        task = asyncio.current_task()
+        assert task is not None
+        if len(self._tasks) >= self.max_connections:  # a guest must not exhaust the host's file descriptors
+            self.log.record("", "", 0, DENY, "too many connections", 503)
+            writer.write(error_response(503, "too many connections"))
+            writer.close()
+            return
+        self._tasks.add(task)
+        try:
+            await self._session(reader, writer)
+            await _linger(reader, writer)
+        except asyncio.CancelledError:
+            pass  # shutting down: a task that ends cancelled makes asyncio's stream callback log a traceback
+        except (OSError, EOFError, BadMessage, TimeoutError, asyncio.IncompleteReadError) as e:
+            log.debug("connection ended: %r", e)
+        except Exception:
+            log.exception("proxy connection failed")
+        finally:
+            self._tasks.discard(task)
+            writer.close()
+
+    def _refuse(self, writer: asyncio.StreamWriter, method: str, host: str, port: int, e: Failed | BadMessage) -> None:
+        verdict = e.verdict if isinstance(e, Failed) else DENY
+        self.log.record(method, host, port, verdict, e.reason, e.status)
+        writer.write(error_response(e.status, e.reason))
+
+    async def _session(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        while True:
+            try:
+                head = await asyncio.wait_for(read_head(reader, request=True), IDLE_TIMEOUT)
+            except (EOFError, TimeoutError):
+                return
+            except BadMessage as e:
+                return self._refuse(writer, "", "", 0, e)
+            if head.first[0] == "CONNECT":
+                return await self._connect(head, reader, writer)
+            if not await self._plain(head, reader, writer):
+                return
+            await writer.drain()
+
+    async def _admit(self, host: str, port: int, tls: bool = False) -> tuple[Target, str]:
+        """Policy, then resolution, then the addresses' check; raises Failed."""
+        policy = self.policy.current()
+        verdict = policy.check(host, port)
+        if not verdict.allowed:
+            raise Failed(403, verdict.reason)
+        literal = ip_literal(host)
+        if literal is not None:
+            addresses = [str(literal)]
+        else:
+            try:
+                addresses = await asyncio.wait_for(self.resolver(host, port), CONNECT_TIMEOUT)
+            except (OSError, TimeoutError, UnicodeError):
+                raise Failed(502, "cannot resolve the host", ALLOW) from None
+        good = [a for a in addresses if policy.address_ok(ipaddress.ip_address(a))]
+        if not good:
+            raise Failed(403, "resolves to a non-public address")
+        return Target(host, port, good, tls and self.broker.intercepts(host)), verdict.reason
+
+    async def _connect(self, head: Head, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            host, port = split_authority(head.first[1], None)
+        except BadMessage as e:
+            return self._refuse(writer, "CONNECT", head.first[1], 0, e)
+        try:
+            target, why = await self._admit(host, port, tls=True)
+            upstream = await open_upstream(target, self.upstream_tls)
+        except Failed as e:
+            return self._refuse(writer, "CONNECT", host, port, e)
+        writer.write(b"HTTP/1.1 200 Connection established\r\n\r\n")
+        await writer.drain()
+        self.log.record("CONNECT", host, port, ALLOW, f"{'intercept' if target.tls else 'tunnel'}; {why}", 200)
+        if not target.tls:
+            return await pipe(reader, writer, upstream.reader, upstream.writer)
+        conn: list[Upstream | None] = [upstream]  # the current upstream connection, closed whatever happens
+        try:
+            await self._intercept(target, conn, reader, writer)
+        finally:
+            if conn[0] is not None:
+                conn[0].close()
+
+    async def _intercept(
+        self, target: Target, conn: list[Upstream | None], reader: asyncio.StreamReader, writer: asyncio.StreamWriter
+    ) -> None:
+        await writer.start_tls(self.leaves.context(target.host), ssl_handshake_timeout=TLS_TIMEOUT)
+        sni = sni_of(writer.get_extra_info("ssl_object"))
+        if sni is not None and normalize_host(sni) != target.host:
+            self.log.record("TLS", target.host, target.port, DENY, "TLS server name differs from the CONNECT target", 0)
+            return
+        while True:
+            try:
+                head = await asyncio.wait_for(read_head(reader, request=True), IDLE_TIMEOUT)
+            except (EOFError, TimeoutError):
+                return
+            except BadMessage as e:
+                return self._refuse(writer, "", target.host, target.port, e)
+            method = head.first[0]
+            try:
+                path = inner_target(head, target)
+                upstream, conn[0] = conn[0], None
+                conn[0], keep = await self.relay.forward(head, path, list(head.headers), target, upstream, reader, writer)
+            except (Failed, BadMessage) as e:
+                return self._refuse(writer, method, target.host, target.port, e)
+            if not keep:
+                return
+            await writer.drain()
+
+    async def _plain(self, head: Head, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> bool:
+        method, raw = head.first[0], head.first[1]
+        host, port = "", 0
+        try:
+            if method not in PLAIN_METHODS:
+                raise Failed(405, f"method {method} not allowed")
+            url = urlsplit(raw)
+            if url.scheme.lower() != "http" or not url.netloc:
+                raise Failed(400, "not a proxy request: expected an absolute http:// URL or CONNECT")
+            host, port = split_authority(url.netloc, 80)
+            request_framing(head)  # ambiguous framing is refused before anything else
+            target, why = await self._admit(host, port)
+            path = (url.path or "/") + (f"?{url.query}" if url.query else "")
+            headers = [("Host", url.netloc)] + [h for h in head.headers if h[0].lower() != "host"]
+            _, keep = await self.relay.forward(head, path, headers, target, None, reader, writer, why)
+            return keep
+        except (Failed, BadMessage, ValueError) as e:
+            error = e if isinstance(e, Failed | BadMessage) else BadMessage("malformed URL")
+            self._refuse(writer, method, host or raw, port, error)
+            return False
+
+
+async def _linger(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    """Close gently: what we sent (a refusal, often) is lost to a reset if unread input is left when we close."""
+    await writer.drain()
+    if writer.can_write_eof():
+        writer.write_eof()
+    budget = LINGER_BYTES
+    with contextlib.suppress(TimeoutError, OSError):
+        async with asyncio.timeout(LINGER_SECONDS):
+            while budget > 0 and (data := await reader.read(65536)):
+                budget -= len(data)
+
+
+@contextlib.contextmanager
+def running(
+    cfg: ProxyConfig, secrets: Mapping[str, str], resolver: Resolver | None = None
+) -> Iterator[ProxyServer]:
+    """A proxy serving on its own event-loop thread (tests, benchmarks); port 0 picks a free port."""
+    loop = asyncio.new_event_loop()
+    thread = threading.Thread(target=loop.run_forever, name="ai-sandbox-proxy", daemon=True)
+    thread.start()
+    server = ProxyServer(cfg, secrets, resolver=resolver)
+    try:
+        asyncio.run_coroutine_threadsafe(server.start(), loop).result(10)
+        yield server
+    finally:
+        asyncio.run_coroutine_threadsafe(server.aclose(), loop).result(10)
+        loop.call_soon_threadsafe(loop.stop)
+        thread.join(10)
+        loop.close()
