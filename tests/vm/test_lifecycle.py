@@ -112,7 +112,7 @@ def test_two_sandboxes_cannot_reach_each_other(ai, started, tmp_path):
 
 
 def test_kill_minus_9_is_reported_and_recovered(ai, started):
-    cycles = int(os.environ.get("AI_TEST_KILL_CYCLES", "3"))
+    cycles = int(os.environ.get("AI_TEST_KILL_CYCLES", "10"))
     for _ in range(cycles):
         pid = int(Path(ai.state, started, "vmm.pid").read_text())
         os.kill(pid, signal.SIGKILL)
