@@ -24,7 +24,7 @@ from ai_sandbox.vmm.base import Disk, MachineSpec, NetDevice, State, VMFiles
 from ai_sandbox.vmm.fc_api import FirecrackerAPI
 from ai_sandbox.vmm.fc_jail import direct_view
 from ai_sandbox.vmm.fc_setup import Binaries
-from ai_sandbox.vmm.firecracker import CONSOLE_ARGS, FirecrackerDriver, boot_plan
+from ai_sandbox.vmm.firecracker import CONSOLE_ARGS, FirecrackerDriver, boot_args, boot_plan
 
 pytestmark = pytest.mark.unit
 
@@ -144,6 +144,13 @@ def test_contract_boot_plan_bodies_fit_the_spec(inst: Path) -> None:
     ]
     for _, body in plan:
         assert None not in body.body().values()
+
+
+def test_boot_args_keep_the_callers_values_once() -> None:
+    # What a real Firecracker showed (tests/firecracker): the sandbox's `panic=-1` and ours both reached the kernel.
+    assert boot_args("panic=-1 quiet") == "panic=-1 quiet console=ttyS0 reboot=k"
+    assert boot_args("") == CONSOLE_ARGS
+    assert boot_args("console=hvc0") == "console=hvc0 reboot=k panic=1"
 
 
 def test_contract_spec_validation_is_strict(inst: Path) -> None:

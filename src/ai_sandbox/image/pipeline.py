@@ -67,9 +67,10 @@ def is_static(binary: Path) -> bool:
     return all(struct.unpack_from("<I", data, phoff + i * phentsize)[0] != 3 for i in range(phnum))
 
 
-def host_checks() -> None:
-    """What the build needs on the host, each missing piece one line with its fix."""
-    missing = [t for t in ("mmdebstrap", "mkfs.ext4", "unshare", "chroot", "lz4", "npm") if not shutil.which(t)]
+def host_checks(npm: bool = True) -> None:
+    """What a build needs on the host, each missing piece one line with its fix."""
+    tools = ("mmdebstrap", "mkfs.ext4", "unshare", "chroot", "lz4", *(("npm",) if npm else ()))
+    missing = [t for t in tools if not shutil.which(t)]
     if missing:
         raise UsageError(f"missing host tools: {', '.join(missing)}", hint="run ./ai doctor for the packages to install")
     if not BUSYBOX.exists() or not is_static(BUSYBOX):
@@ -92,6 +93,7 @@ class Pipeline:
         self.cache = cache or Cache(paths.cache_dir())
         self.result_ran: list[str] = []
         self.result_reused: list[str] = []
+        self._checked = False
 
     def _stage(self, name: str, inputs: dict[str, Any], force: bool, make) -> Path:
         """Reuse the stage's entry for these inputs, or build it (`make(workdir, log_file)`)."""
@@ -101,6 +103,9 @@ class Pipeline:
             log.debug("%s: reused %s", name, hit.name)
             self.result_reused.append(name)
             return hit
+        if not self._checked:  # only building needs the build tools: a fully cached image starts anywhere
+            host_checks(npm=any(t.kind == "npm" for t in self.recipe.tools))
+            self._checked = True
         log.info("%s: building (%s)", name, "forced" if force else self.cache.why(name_r, name, inputs))
         log_file = self.cache.log_file(name_r, name)
         log_file.parent.mkdir(parents=True, exist_ok=True)
@@ -119,8 +124,9 @@ class Pipeline:
     def run(self, verb: str = "") -> BuildResult:
         if verb not in VERBS:
             raise UsageError(f"unknown build verb {verb!r}", hint=f"use one of {', '.join(v for v in VERBS if v)}")
-        host_checks()
         if verb == "clean":
+            host_checks(npm=any(t.kind == "npm" for t in self.recipe.tools))  # before anything is wiped
+            self._checked = True
             self.cache.clean()
         force = VERBS[verb]
         r = self.recipe
@@ -140,7 +146,8 @@ class Pipeline:
         disk_dir = self._stage("disk", disk_in, "disk" in force,
                                lambda w, lf: disk.build_disk(guest_dir / "root", w, LABEL_BASE, r.disk_headroom_mib, lf))
         init = self.guest_files / "init"
-        kernel_in = {"base": base.name, "init": file_digest(init), "busybox": file_digest(BUSYBOX),
+        busybox = file_digest(BUSYBOX) if BUSYBOX.is_file() else "missing"  # missing: no entry matches, build says why
+        kernel_in = {"base": base.name, "init": file_digest(init), "busybox": busybox,
                      "modules": list(initramfs.MODULES), "code": _code(kernel, initramfs)}
         kdir = self._stage("kernel", kernel_in, "kernel" in force,
                            lambda w, lf: kernel.build_kernel(base / "root", w, init, BUSYBOX))

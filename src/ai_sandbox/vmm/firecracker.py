@@ -36,6 +36,8 @@ from ai_sandbox.vmm.fc_setup import Binaries, find_binaries
 from ai_sandbox.vmm.kvm import kvm_unusable
 
 # Firecracker's serial port is ttyS0; reboot=k makes a guest reboot end the Firecracker process (our "stopped").
+# (pci=off, as in Firecracker's examples, was tried on a real Firecracker: the Debian kernel probes the PCI ports
+# early anyway, so it changed nothing and is left out.)
 CONSOLE_ARGS = "console=ttyS0 reboot=k panic=1"
 IFACE_ID = "net0"
 SUN_PATH_MAX = 107  # sockaddr_un.sun_path is 108 bytes including the NUL
@@ -48,7 +50,10 @@ def unix_transport(socket: Path) -> httpx.BaseTransport:
 
 
 def boot_args(cmdline: str) -> str:
-    return f"{cmdline} {CONSOLE_ARGS}".strip()
+    """The caller's arguments, then ours for those it did not set (one `panic=`, not two that disagree)."""
+    given = {arg.split("=", 1)[0] for arg in cmdline.split()}
+    ours = [arg for arg in CONSOLE_ARGS.split() if arg.split("=", 1)[0] not in given]
+    return " ".join([*cmdline.split(), *ours])
 
 
 def _drive(disk_id: str, path: str, read_only: bool) -> Request:
