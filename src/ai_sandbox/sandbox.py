@@ -272,12 +272,10 @@ def stop(inst: Instance, timeout: float = 30) -> None:
 
 
 def remove(inst: Instance, force: bool = False) -> None:
-    spec = inst.load()
     if status(inst).state is State.RUNNING and not force:
         raise UsageError(f"sandbox {inst.name} is running", hint="stop it first, or use --force")
     stop(inst, timeout=10 if force else 30)
     inst.remove()
-    del spec
 
 
 def exec_in(inst: Instance, argv: list[str]) -> int:
