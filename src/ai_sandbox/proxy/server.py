@@ -74,6 +74,14 @@ def policy_of(cfg: ProxyConfig) -> PolicyFile:
     return PolicyFile(Path(cfg.policy_file) if cfg.policy_file else None, base)
 
 
+
+async def _next_head(reader: asyncio.StreamReader):
+    """The next request head on a kept-alive connection, or None once the client is gone or idle too long."""
+    try:
+        return await asyncio.wait_for(read_head(reader, request=True), IDLE_TIMEOUT)
+    except (EOFError, TimeoutError):
+        return None
+
 class ProxyServer:
     def __init__(
         self, cfg: ProxyConfig, secrets: Mapping[str, str], *, resolver: Resolver | None = None,
@@ -144,11 +152,11 @@ class ProxyServer:
     async def _session(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         while True:
             try:
-                head = await asyncio.wait_for(read_head(reader, request=True), IDLE_TIMEOUT)
-            except (EOFError, TimeoutError):
-                return
+                head = await _next_head(reader)
             except BadMessage as e:
                 return self._refuse(writer, "", "", 0, e)
+            if head is None:
+                return
             if head.first[0] == "CONNECT":
                 return await self._connect(head, reader, writer)
             if not await self._plain(head, reader, writer):
@@ -206,11 +214,11 @@ class ProxyServer:
             return
         while True:
             try:
-                head = await asyncio.wait_for(read_head(reader, request=True), IDLE_TIMEOUT)
-            except (EOFError, TimeoutError):
-                return
+                head = await _next_head(reader)
             except BadMessage as e:
                 return self._refuse(writer, "", target.host, target.port, e)
+            if head is None:
+                return
             method = head.first[0]
             try:
                 path = inner_target(head, target)
