@@ -74,7 +74,6 @@ def policy_of(cfg: ProxyConfig) -> PolicyFile:
     return PolicyFile(Path(cfg.policy_file) if cfg.policy_file else None, base)
 
 
-
 async def _next_head(reader: asyncio.StreamReader):
     """The next request head on a kept-alive connection, or None once the client is gone or idle too long."""
     try:
