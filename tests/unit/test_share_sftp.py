@@ -649,3 +649,67 @@ def test_real_sshfs_in_slave_mode_mounts_the_confined_workspace(tree: Tree, tmp_
     assert os.readlink(tree.ws / "sub" / "rel") == "../hello.txt"  # sshfs's SYMLINK argument order understood
     assert stat.S_IMODE((tree.ws / "sub" / "from_guest.txt").stat().st_mode) == 0o755
     assert snapshot(tree.outside) == outside_before
+
+
+# -- links the guest could leave pointing out (issue 9, hole 7): the server never follows one --------------------
+
+
+def _links_pointing_out(ws: Path) -> list[str]:
+    """Relative symlinks under `ws` that the guest made and that resolve outside it (host-made ones excluded)."""
+    host_made = {"link_out_file", "link_out_dir", "link_out_etc", "dangling_out", "sub/deep_link"}
+    bad = []
+    for path in ws.rglob("*"):
+        rel = str(path.relative_to(ws))
+        if path.is_symlink() and rel not in host_made:
+            if not os.path.normpath(path.parent / os.readlink(path)).startswith(str(ws) + os.sep):
+                bad.append(rel)
+    return bad
+
+
+@pytest.mark.unit
+@pytest.mark.parametrize("mode", CLIENTS)
+def test_directory_move_that_would_aim_a_link_inside_out_is_refused(mode: str, tree: Tree) -> None:
+    async def body(sftp: asyncssh.SFTPClient) -> None:
+        await sftp.makedirs("a/b/c")
+        await sftp.symlink("../../hello.txt", "a/b/l")  # a/b/l -> hello.txt at the root: fine where it is
+        await sftp.symlink("../../../hello.txt", "a/b/c/deep")
+        for move in (sftp.rename, sftp.posix_rename):
+            with pytest.raises(asyncssh.SFTPPermissionDenied):
+                await move("a/b", "b")  # b/l would mean ../../hello.txt from b/: outside the workspace
+        await sftp.rename("a/b", "a/b2")  # same depth: every link keeps pointing inside, so this is allowed
+        assert await read(sftp, "a/b2/l") == b"hello\n"
+
+    with_client(mode, tree.ws, body)
+    assert _links_pointing_out(tree.ws) == []
+    assert (tree.ws / "a/b2/c/deep").is_symlink() and not (tree.ws / "b").exists()
+
+
+@pytest.mark.unit
+@pytest.mark.parametrize("mode", CLIENTS)
+def test_a_link_pointing_out_is_used_only_as_a_link(mode: str, tree: Tree) -> None:
+    """A link aiming out (made on the host here, the worst case) through every path the guest has: each either
+    acts on the link itself or is refused; the file it names outside is never read, changed or moved."""
+    secret = tree.outside / "secret.txt"
+    before = snapshot(tree.base, skip=tree.ws)
+
+    async def body(sftp: asyncssh.SFTPClient) -> None:
+        assert (await sftp.lstat("link_out_file")).type == asyncssh.FILEXFER_TYPE_SYMLINK
+        for i, attempt in enumerate((
+            lambda: read(sftp, "link_out_file"),
+            lambda: write(sftp, "link_out_file", "r+b"),
+            lambda: sftp.stat("link_out_file"),
+            lambda: sftp.chmod("link_out_file", 0o666),
+            lambda: sftp.utime("link_out_file", (1, 1)),
+            lambda: sftp.rename("sub/deep_link", "moved"),  # a link out stays refused wherever it goes
+            lambda: sftp.link("sub/deep_link", "hard"),
+        )):
+            with pytest.raises(asyncssh.SFTPError):
+                await attempt()
+                pytest.fail(f"attempt {i} succeeded")
+        await sftp.rename("link_out_file", "renamed_link")  # the link itself moves (it was already out: host-made)
+        await sftp.remove("renamed_link")  # removes the link only
+
+    with_client(mode, tree.ws, body)
+    assert not os.path.lexists(tree.ws / "renamed_link") and not os.path.lexists(tree.ws / "moved")
+    assert secret.read_text() == "TOP SECRET\n"
+    assert snapshot(tree.base, skip=tree.ws) == before

@@ -153,10 +153,30 @@ class ConfinedSFTPServer(asyncssh.SFTPServer):
         old = self._map_nofollow(oldpath) if keep_root else self._map_changeable(oldpath)
         new = self._map_changeable(newpath)
         if os.path.islink(old):
-            # `../x` made in a/b/ is fine there but escapes once moved to the root. (A moved directory can still
-            # re-aim the relative links inside it; they are never followed out, as every follow is checked.)
+            # `../x` made in a/b/ is fine there but escapes once moved to the root.
             self._check_link_target(os.readlink(old), posixpath.dirname(new))
+        elif os.path.isdir(old):
+            self._check_links_moved_with(old, new)
         return old, new
+
+    def _check_links_moved_with(self, old: bytes, new: bytes) -> None:
+        """A moved directory re-aims the relative links inside it: refuse a move that would aim one out of the
+        root, so the guest cannot leave a link to a host file in the workspace for host tools to follow. (Links
+        that already point out, which only the host can have made, keep their meaning and are left alone.)"""
+        for dirpath, _dirs, files in os.walk(old):  # never descends through a symlink
+            for name in files + _dirs:
+                here = posixpath.join(dirpath, name)
+                if not os.path.islink(here):
+                    continue
+                target = os.readlink(here)
+                if target.startswith(b"/"):
+                    continue
+                moved = posixpath.join(new, posixpath.relpath(here, old))
+                before = posixpath.normpath(posixpath.join(posixpath.dirname(here), target))
+                after = posixpath.normpath(posixpath.join(posixpath.dirname(moved), target))
+                if self._inside(before) and not self._inside(after):
+                    log.warning("refused SFTP move that aims a link out of the workspace: %r", here)
+                    raise SFTPPermissionDenied("the move would make a symlink inside it point outside the workspace")
 
     def symlink(self, oldpath: bytes, newpath: bytes) -> None:
         """Create `newpath` pointing at `oldpath`; the target must be relative and stay inside the root."""
