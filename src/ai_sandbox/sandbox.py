@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from ipaddress import IPv4Network
 from pathlib import Path
 
-from ai_sandbox import net, progress, proxy_up
+from ai_sandbox import config, net, paths, progress, proxy_up
 from ai_sandbox.config import Settings
 from ai_sandbox.errors import NotFound, SandboxError, UsageError, VMError
 from ai_sandbox.guest import LABEL_CONFIG, LABEL_DATA, LABEL_WORKSPACE
@@ -33,6 +33,7 @@ class Options:
     workspace: Path
     settings: Settings
     skip_optional: bool = False
+    given: frozenset[str] = frozenset()  # settings named on the command line: only these may change a sandbox
 
 
 def guest_ids() -> tuple[int, int]:
@@ -76,9 +77,7 @@ def create(opts: Options) -> tuple[Instance, Spec]:
     inst = Instance(opts.name) if opts.name else Instance(name_for_workspace(ws))
     s = opts.settings
     if inst.exists():
-        spec = inst.load()
-        spec.cpus, spec.memory_mib = s.vcpus, s.memory_mib
-        return inst, spec
+        return inst, _reuse(inst.load(), s, opts.given)
     egress_policy(s.network, s)  # bad policy input fails before anything is made
     driver = drivers.choose(s.vmm)
     uid, gid = guest_ids()
@@ -86,6 +85,40 @@ def create(opts: Options) -> tuple[Instance, Spec]:
                 memory_mib=s.memory_mib, share=_share_mode(s, driver), network=s.network, uid=uid, gid=gid,
                 workspace_size_mib=s.workspace_size_mib)
     return inst, spec
+
+
+_FIXED = {"share": "--share", "network": "--network", "image": "--image", "vmm": "--vmm"}
+
+
+def _reuse(spec: Spec, s: Settings, given: frozenset[str]) -> Spec:
+    """An existing sandbox: --cpus/--memory given now apply from this start on; what it was made with stays."""
+    for field, flag in _FIXED.items():
+        have, wanted = getattr(spec, field), getattr(s, field)
+        if field in given and wanted not in ("auto", have):
+            raise UsageError(f"sandbox {spec.name} was made with {flag} {have} and cannot change to {wanted}",
+                             hint=f"remove it first (ai rm {spec.name}), then start it again with {flag} {wanted}")
+    if "vcpus" in given:
+        spec.cpus = s.vcpus
+    if "memory_mib" in given:
+        spec.memory_mib = s.memory_mib
+    return spec
+
+
+def settings_sources(workspace: Path | None = None) -> config.Sources:
+    """The settings files a command may read (`workspace`: the one it is about to share): none inside that
+    workspace or any existing sandbox's. AI_SANDBOX_CACHE/STATE/DATA set in them take effect at once."""
+    shared = [workspace] if workspace else []
+    first = config.find_sources(shared)
+    # Existing sandboxes are found in the state directory the trusted files name, and in the one ./.env names.
+    trusted = config.Sources(tuple(f for f in first.files if f != Path.cwd() / config.ENV_FILE))
+    known: list[Path] = []
+    for root in {paths.state_dir(s.path_values()) for s in (first, trusted)}:
+        for other in instances(root):
+            with contextlib.suppress(SandboxError, ValueError, OSError):
+                known.append(Path(other.load().workspace))
+    found = config.find_sources([*shared, *known])
+    paths.use(found.path_values())
+    return found
 
 
 def egress_policy(mode: str, settings: Settings) -> policy.EgressPolicy:
@@ -106,8 +139,22 @@ def host_resolvers() -> list[str]:
     return found
 
 
+# The guest writes the console log at will: any command that looks at the sandbox cuts it back past the limit.
+CONSOLE_LIMIT, CONSOLE_KEEP, LOGS_TAIL = 4 << 20, 1 << 20, 256 << 10
+
+
+def console_tail(inst: Instance) -> str:
+    """The last LOGS_TAIL bytes of the guest console, raw (guest text: escape before printing)."""
+    process.cap_log(inst.path(Files.CONSOLE), CONSOLE_LIMIT, CONSOLE_KEEP)
+    data = process.read_tail(inst.path(Files.CONSOLE), LOGS_TAIL)
+    if len(data) == LOGS_TAIL and b"\n" in data:
+        data = data.split(b"\n", 1)[1]  # start at a whole line
+    return data.decode(errors="replace")
+
+
 def status(inst: Instance) -> Status:
     spec = inst.load()
+    process.cap_log(inst.path(Files.CONSOLE), CONSOLE_LIMIT, CONSOLE_KEEP)
     st = drivers.get(spec.vmm).status(inst.vm_files())
     if st.state is State.RUNNING:
         helper = {"virtiofs": (Files.FS_PID, "virtiofsd"), "sftp": (Files.SHARE_PID, "the sftp share")}.get(spec.share)
@@ -176,7 +223,7 @@ def _prepare(inst: Instance, spec: Spec) -> tuple[str, tuple[str, str]]:
 def _network(inst: Instance, spec: Spec, settings: Settings) -> net.NetConfig:
     if "net" in spec.extra:
         return net.NetConfig.from_dict(json.loads(spec.extra["net"]))
-    cfg = net.plan(inst.name, _used_subnets(inst.name), net.pool_from_env())
+    cfg = net.plan(inst.name, _used_subnets(inst.name), net.parse_pool(settings.net_pool))
     spec.subnet = str(cfg.subnet)
     spec.extra["net"] = json.dumps(cfg.to_dict())
     return cfg
@@ -190,6 +237,9 @@ def start(inst: Instance, spec: Spec, settings: Settings, skip_optional: bool = 
         raise UsageError(f"cannot use {driver.name}: {problem}")
     with inst.locked():
         if driver.status(inst.vm_files()).state is State.RUNNING:
+            if spec != inst.load():  # new --cpus/--memory: kept for the next start
+                inst.save(spec)
+                progress.info(f"sandbox {inst.name} is running: the new --cpus/--memory apply at its next start")
             return target(inst, spec)
         arts = pipeline.build(spec.image, skip_optional=skip_optional).artifacts
         new = not inst.exists()
@@ -206,7 +256,8 @@ def start(inst: Instance, spec: Spec, settings: Settings, skip_optional: bool = 
             inst.path(Files.SSH_CONFIG).write_text(ssh.render_config(t))
             egress = egress_policy(spec.network, settings)
             with progress.step(f"network ({egress.mode})"):
-                net.up(inst.name, cfg, policy.host_ports(egress), egress=policy.egress_rules(egress))
+                net.up(inst.name, cfg, policy.host_ports(egress), egress=policy.egress_rules(egress),
+                       gateway_icmp=policy.gateway_icmp(egress))
             undo.callback(net.down, inst.name)
             if spec.network == "proxy":
                 undo.callback(proxy_up.stop, inst)
@@ -215,7 +266,7 @@ def start(inst: Instance, spec: Spec, settings: Settings, skip_optional: bool = 
                      Disk("config", _config_drive(inst, spec, cfg, user_key, host_key, settings), read_only=True))
             if spec.share == "virtiofs":
                 virtiofs.start(Path(spec.workspace), inst.path(Files.FS_SOCK), inst.path(Files.FS_PID),
-                               inst.path(Files.FS_LOG), spec.uid)
+                               inst.path(Files.FS_LOG), (spec.uid, spec.gid))
                 undo.callback(virtiofs.stop, inst.path(Files.FS_SOCK), inst.path(Files.FS_PID))
                 shares = (DirShare(virtiofs.TAG, inst.path(Files.FS_SOCK)),)
             elif spec.share == "copy":

@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Annotated, Optional
 
 import typer
+from rich.markup import escape
 from rich.table import Table
 
 from ai_sandbox import config, runner, sandbox
@@ -19,12 +20,26 @@ from ai_sandbox.state import Files
 NameArg = Annotated[Optional[str], typer.Argument(help="sandbox name (default: the current directory's)")]  # noqa: UP045
 
 
+_noticed: list[str] = []
+
+
+def prepare_settings(workspace: Path | None) -> config.Sources:
+    """Settings files for this command (none the guest can write); says once when one was left unread."""
+    sources = sandbox.settings_sources(workspace)
+    line = sources.notice()
+    if line and line not in _noticed:
+        _noticed.append(line)
+        ui.err.print(f"[yellow]note:[/] {escape(line)}", highlight=False, soft_wrap=True)
+    return sources
+
+
 def _start(name: str | None, workspace: Path | None, flags: dict, skip_optional: bool) -> sandbox.Instance:
-    settings = config.load(flags)
     ws = workspace or Path.cwd()
     if not ws.is_dir():
         raise UsageError(f"workspace {ws} does not exist or is not a directory")
-    inst, spec = sandbox.create(sandbox.Options(name, ws, settings, skip_optional))
+    settings = config.load(flags, prepare_settings(ws))
+    given = frozenset(k for k, v in flags.items() if v is not None)
+    inst, spec = sandbox.create(sandbox.Options(name, ws, settings, skip_optional, given))
     ui.show_progress()
     sandbox.start(inst, spec, settings, skip_optional)
     return inst
@@ -53,6 +68,7 @@ def start(
 
 def default() -> None:
     """The bare `ai`: build if needed, start if needed, attach."""
+    prepare_settings(Path.cwd())
     inst = sandbox.resolve(None)
     if not inst.exists() or sandbox.status(inst).state.value != "running":
         inst = _start(None, None, {}, False)
@@ -110,10 +126,9 @@ def rm(
 
 
 def logs(name: NameArg = None) -> None:
-    """Show the guest console log."""
-    inst = sandbox.existing(name)
-    path = inst.path(Files.CONSOLE)
-    sys.stdout.write(path.read_text(errors="replace") if path.exists() else "")
+    """Show the guest console log (its last 256 KiB; control characters and escape sequences removed)."""
+    text = sandbox.console_tail(sandbox.existing(name))
+    ui.out.print(ui.safe_text(text), end="", highlight=False, soft_wrap=True)
 
 
 def ssh_config(name: NameArg = None) -> None:

@@ -12,18 +12,32 @@ import contextlib
 import logging
 import signal
 import sys
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 
 import asyncssh
 
 from ai_sandbox.session import ssh
+from ai_sandbox.share import owner
 from ai_sandbox.share.sftp import SftpShare
 
 log = logging.getLogger("ai_sandbox.share.daemon")
 READY = "ai-sandbox-share: ready"
 
 
-async def serve(target: ssh.Target, workspace: Path, uid: int, gid: int, stop: asyncio.Event) -> None:
+Connect = Callable[[], Awaitable[asyncssh.SSHClientConnection]]
+
+
+def preloaded(t: ssh.Target) -> Connect:
+    """Connect to the guest with key and known host read now: after `owner.drop_to` the instance directory (root's,
+    0700) is no longer readable, and reconnects must still work."""
+    key = asyncssh.read_private_key(str(t.key))
+    known = asyncssh.import_known_hosts(t.known_hosts.read_text().replace(t.alias, t.address, 1))
+    return lambda: asyncssh.connect(host=t.address, port=t.port, username=t.user, client_keys=[key],
+                                    known_hosts=known, agent_path=None, password=None, connect_timeout=5)
+
+
+async def serve(connect: Connect, workspace: Path, uid: int, gid: int, stop: asyncio.Event) -> None:
     share = SftpShare(workspace, uid=uid, gid=gid)
     conn: asyncssh.SSHClientConnection | None = None
     announced = False
@@ -31,7 +45,7 @@ async def serve(target: ssh.Target, workspace: Path, uid: int, gid: int, stop: a
         while not stop.is_set():
             try:
                 if conn is None or conn.is_closed():
-                    conn = await ssh.connect(target)
+                    conn = await connect()
                     conn.set_keepalive(interval=10, count_max=3)
                 if await share.ensure(conn) or not announced:
                     print(READY if not announced else "ai-sandbox-share: re-mounted", flush=True)
@@ -56,12 +70,17 @@ def main(argv: list[str]) -> int:
     inst = Instance(inst_dir.name, inst_dir.parent)
     spec = inst.load()
 
+    workspace = Path(spec.workspace)
+    connect = preloaded(target(inst, spec))
+    # The SFTP server creates files as this process: as root (sudo ./ai) it must be the workspace's user first.
+    owner.drop_to(owner.files_owner(workspace, (spec.uid, spec.gid)))
+
     async def run() -> None:
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, stop.set)
-        await serve(target(inst, spec), Path(spec.workspace), spec.uid, spec.gid, stop)
+        await serve(connect, workspace, spec.uid, spec.gid, stop)
 
     asyncio.run(run())
     return 0

@@ -33,7 +33,7 @@ def sftp_start(inst: Instance, timeout: float = 60) -> None:
 
 def sftp_stop(inst: Instance) -> None:
     pid = process.read_pid(inst.path(Files.SHARE_PID))
-    if pid is not None and process.alive(pid):
+    if pid is not None and process.runs(pid, inst.dir):  # not a reused pid: ours was given the instance dir
         process.kill(pid, timeout=10)  # SIGTERM first: the daemon unmounts in the guest
     process.remove(inst.path(Files.SHARE_PID))
 

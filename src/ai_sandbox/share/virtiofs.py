@@ -1,7 +1,7 @@
 """virtiofs workspace (QEMU): a virtiofsd per sandbox serving the workspace on a vhost-user socket.
 
 virtiofsd creates files with the requesting guest uid, and the guest user has the invoking user's uid,
-so files keep their owner on both sides. Root is the exception (the guest user is uid 1000): see argv.
+so files keep their owner on both sides; as root, `argv` maps the guest user to the right host owner.
 """
 
 from __future__ import annotations
@@ -13,6 +13,7 @@ from pathlib import Path
 
 from ai_sandbox import runner
 from ai_sandbox.errors import SandboxError, VMError
+from ai_sandbox.share import owner
 from ai_sandbox.vmm import process
 
 CANDIDATES = ("/usr/libexec/virtiofsd", "/usr/lib/qemu/virtiofsd")
@@ -24,23 +25,24 @@ def binary() -> str | None:
     return found or next((c for c in CANDIDATES if os.access(c, os.X_OK)), None)
 
 
-def argv(source: Path, socket: Path, guest_uid: int, host_uid: int) -> list[str]:
+def argv(source: Path, socket: Path, guest: tuple[int, int], owner: tuple[int, int]) -> list[str]:
+    """virtiofsd's argv; the guest user's files get `owner`'s uid/gid on the host (see share.owner)."""
     exe = binary()
     if exe is None:
         raise SandboxError("virtiofsd is not installed", hint="apt-get install qemu-system-x86 (or virtiofsd)")
     cmd = [exe, f"--socket-path={socket}", "-o", f"source={source}", "-o", "cache=auto", "-o", "no_posix_lock",
            "-o", "xattr"]
-    if host_uid == 0 and guest_uid != 0:
-        # Invoked as root: virtiofsd runs in a user namespace where the guest user's uid is host root, so the
-        # files the guest user writes belong to the invoking user (virtiofsd writes with the requester's uid).
-        cmd = ["unshare", "--user", f"--map-users=0,{guest_uid},1", f"--map-groups=0,{guest_uid},1", "--keep-caps",
-               "--", *cmd]
+    if owner != guest:
+        # virtiofsd creates files with the requester's uid/gid and this virtiofsd has no id mapping of its own, so
+        # it runs in a user namespace where the guest user's ids *are* the owner's (root: the guest user is 1000).
+        cmd = ["unshare", "--user", f"--map-users={owner[0]},{guest[0]},1", f"--map-groups={owner[1]},{guest[1]},1",
+               "--keep-caps", "--", *cmd]
     return cmd
 
 
-def start(source: Path, socket: Path, pid_file: Path, log_file: Path, guest_uid: int) -> int:
+def start(source: Path, socket: Path, pid_file: Path, log_file: Path, guest: tuple[int, int]) -> int:
     process.remove(socket)
-    proc = runner.spawn(argv(source, socket, guest_uid, os.getuid()), log_file=log_file)
+    proc = runner.spawn(argv(source, socket, guest, owner.files_owner(source, guest)), log_file=log_file)
     deadline = time.monotonic() + 10
     while time.monotonic() < deadline:
         if proc.poll() is not None:
@@ -55,6 +57,6 @@ def start(source: Path, socket: Path, pid_file: Path, log_file: Path, guest_uid:
 
 def stop(socket: Path, pid_file: Path) -> None:
     pid = process.read_pid(pid_file)
-    if pid is not None and process.alive(pid):
+    if pid is not None and process.runs(pid, socket):  # not a reused pid: ours was given this socket
         process.kill(pid, timeout=3)
     process.remove(socket, pid_file)

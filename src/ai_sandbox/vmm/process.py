@@ -37,6 +37,18 @@ def alive_from(pid_file: Path) -> bool:
     return pid is not None and alive(pid)
 
 
+def runs(pid: int, marker: str | Path) -> bool:
+    """True when `pid` is alive and its command line has `marker` (a path only that process was given, such as
+    its own pid file) as one argument or inside one: a pid file can outlive its process, and the pid be reused."""
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as fh:
+            args = fh.read().split(b"\0")
+    except OSError:
+        return False
+    mark = os.fsencode(marker)
+    return alive(pid) and any(mark in a for a in args)
+
+
 def wait_gone(pid: int, timeout: float) -> bool:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
@@ -61,3 +73,35 @@ def remove(*paths: Path) -> None:
     for p in paths:
         with contextlib.suppress(FileNotFoundError):
             p.unlink()
+
+
+def read_tail(path: Path, limit: int) -> bytes:
+    """The last `limit` bytes of a file written from guest output (never through a symlink); b"" if missing."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    except (FileNotFoundError, NotADirectoryError):
+        return b""
+    with os.fdopen(fd, "rb") as fh:
+        size = os.fstat(fd).st_size
+        fh.seek(max(0, size - limit))
+        return fh.read(limit)
+
+
+def cap_log(path: Path, limit: int, keep: int) -> bool:
+    """Cut a log that grew past `limit` bytes down to its last `keep` bytes, in place; True when it did.
+
+    The writers (QEMU's console chardev with append=on, the runner's "ab" log files) append with O_APPEND, so
+    they carry on at the new end instead of leaving a hole."""
+    try:
+        if os.lstat(path).st_size <= limit:
+            return False
+    except FileNotFoundError:
+        return False
+    tail = read_tail(path, keep)
+    fd = os.open(path, os.O_WRONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    try:
+        os.ftruncate(fd, 0)
+        os.write(fd, tail)
+    finally:
+        os.close(fd)
+    return True

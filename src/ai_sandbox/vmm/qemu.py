@@ -78,7 +78,7 @@ def share_args(spec: MachineSpec) -> list[str]:
 def io_args(files: VMFiles) -> list[str]:
     return [
         "-nodefaults", "-no-user-config", "-nographic", "-display", "none",
-        "-chardev", f"file,id=con,path={files.console_log}", "-serial", "chardev:con",
+        "-chardev", f"file,id=con,path={files.console_log},append=on", "-serial", "chardev:con",
         "-qmp", f"unix:{files.api_socket},server=on,wait=off",
         "-pidfile", str(files.pid),
     ]
@@ -109,6 +109,11 @@ async def _qmp(sock: Path, command: str, timeout: float = 5.0) -> dict:
     finally:
         with contextlib.suppress(Exception):
             await qmp.disconnect()
+
+
+def _ours(pid: int, files: VMFiles) -> bool:
+    """Whether `pid` is still the QEMU we started: ours was given this sandbox's pid file (pid reuse guard)."""
+    return process.runs(pid, files.pid)
 
 
 class QemuDriver:
@@ -148,7 +153,9 @@ class QemuDriver:
 
     def stop(self, files: VMFiles, timeout: float = 30.0) -> None:
         pid = process.read_pid(files.pid)
-        if pid is not None and process.alive(pid):
+        if pid is not None and process.alive(pid) and not _ours(pid, files):
+            progress.info(f"stale pid file {files.pid}: pid {pid} is not this sandbox's qemu; left it alone")
+        elif pid is not None and process.alive(pid):
             with contextlib.suppress(Exception):
                 asyncio.run(_qmp(files.api_socket, "system_powerdown"))
             if not process.wait_gone(pid, timeout):
@@ -163,6 +170,9 @@ class QemuDriver:
             return Status(State.STOPPED)
         if not process.alive(pid):
             return Status(State.BROKEN, f"qemu (pid {pid}) is gone without a clean stop", pid)
+        if not _ours(pid, files):
+            return Status(State.BROKEN, f"qemu is gone without a clean stop (stale pid file: pid {pid} is another "
+                          "process now)")
         try:
             st = asyncio.run(_qmp(files.api_socket, "query-status", timeout=3))
         except Exception as e:  # noqa: BLE001 - any QMP failure is a status, not a crash

@@ -1,0 +1,32 @@
+"""Who owns, on the host, the files the guest user writes into the workspace.
+
+Run unprivileged, the share helpers act as the invoking user and nothing else is possible. Run as root (for
+example `sudo ./ai`), the guest user has the uid/gid of the user behind sudo (see `sandbox.guest_ids`), and the
+files it writes must belong to that user, not to root. Only a workspace that root itself owns keeps root's files.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+
+def files_owner(workspace: Path, guest: tuple[int, int]) -> tuple[int, int]:
+    """The host uid/gid that the guest user's new workspace files get."""
+    if os.geteuid() != 0:
+        return os.getuid(), os.getgid()
+    if os.stat(workspace).st_uid == 0:
+        return 0, 0
+    return guest
+
+
+def drop_to(owner: tuple[int, int]) -> None:
+    """Become `owner` for good (all three uids and gids, supplementary groups only its gid); no-op if already."""
+    uid, gid = owner
+    if os.geteuid() != 0 or uid == 0:
+        return
+    os.setgroups([gid])
+    os.setresgid(gid, gid, gid)
+    os.setresuid(uid, uid, uid)
+    if os.getresuid() != (uid, uid, uid) or os.getresgid() != (gid, gid, gid):  # pragma: no cover - kernel says no
+        raise PermissionError(f"could not drop privileges to {uid}:{gid}")
