@@ -702,14 +702,15 @@ def test_a_link_pointing_out_is_used_only_as_a_link(mode: str, tree: Tree) -> No
             lambda: sftp.utime("link_out_file", (1, 1)),
             lambda: sftp.rename("sub/deep_link", "moved"),  # a link out stays refused wherever it goes
             lambda: sftp.link("sub/deep_link", "hard"),
+            lambda: sftp.rename("link_out_file", "renamed_link"),  # a link out is never moved, even beside itself
         )):
             with pytest.raises(asyncssh.SFTPError):
                 await attempt()
                 pytest.fail(f"attempt {i} succeeded")
-        await sftp.rename("link_out_file", "renamed_link")  # the link itself moves (it was already out: host-made)
-        await sftp.remove("renamed_link")  # removes the link only
+        await sftp.remove("link_out_file")  # removes the link only
 
     with_client(mode, tree.ws, body)
-    assert not os.path.lexists(tree.ws / "renamed_link") and not os.path.lexists(tree.ws / "moved")
+    assert not os.path.lexists(tree.ws / "link_out_file") and not os.path.lexists(tree.ws / "moved")
+    assert not os.path.lexists(tree.ws / "renamed_link") and not os.path.lexists(tree.ws / "hard")
     assert secret.read_text() == "TOP SECRET\n"
     assert snapshot(tree.base, skip=tree.ws) == before
