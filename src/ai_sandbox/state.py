@@ -48,6 +48,10 @@ class Files:
     PROXY_LOG = "proxy-requests.log"
     PROXY_DAEMON_LOG = "proxy.log"
     PROXY_PID = "proxy.pid"
+    AGENT_CONFIG = "hostagent.json"  # the host agent: Ollama forward, DNS (see ai_sandbox.hostagent)
+    AGENT_PID = "hostagent.pid"
+    AGENT_LOG = "hostagent.log"
+    DNS_LOG = "dns-queries.log"  # one JSON line per guest DNS query (open/nat modes)
 
 
 _NAME = re.compile(r"^[a-z0-9][a-z0-9-]{0,23}$")
