@@ -52,8 +52,8 @@ ALLOW = "ip daddr 10.99.0.20 tcp dport { 22, 5432 } accept"
 
 # mode -> (egress rules with EGRESS_ALLOW_IP=10.99.0.20 EGRESS_ALLOW_TCP_PORTS=5432,22, gateway ports)
 GOLDEN = {
-    "nat": (["accept"], ()),
-    "open": ([ALLOW, *OPEN], (4713, 11434)),
+    "nat": (["accept"], (53, 11434)),
+    "open": ([ALLOW, *OPEN], (53, 4713, 11434)),
     "proxy": ([ALLOW], (3128, 4713, 11434)),
     "offline": ([], ()),
 }

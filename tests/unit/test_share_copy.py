@@ -21,13 +21,13 @@ from ai_sandbox.share.copy import (
     Manifest,
     apply_sync,
     create_image,
-    extract_image,
+    link_stays_inside,
     load_manifest,
     plan_sync,
     save_manifest,
     scan,
-    sync_back,
 )
+from ai_sandbox.share.syncback import sync_back
 
 pytestmark = pytest.mark.unit
 
@@ -256,11 +256,21 @@ def test_apply_refuses_guest_symlinks_that_leave_the_workspace(trio: tuple[Path,
     host, guest, _ = trio
     (guest / "abs").symlink_to("/etc/passwd")
     (guest / "up").symlink_to("../outside/keep.txt")
-    (guest / "fine").symlink_to("sub/../x")
+    (guest / "via").symlink_to("sub/../x")  # `sub` could be a link to `.`: then `..` climbs out
+    (guest / "fine").symlink_to("./sub/x")
     report = apply_sync(plan_sync({}, {}, scan(guest), stamp=STAMP), host, guest)
-    assert sorted(p for p, _ in report.skipped) == ["abs", "up"]
+    assert sorted(p for p, _ in report.skipped) == ["abs", "up", "via"]
     assert report.copied == ["fine"]
     assert sorted(os.listdir(host)) == ["fine"]
+
+
+@pytest.mark.parametrize(
+    ("target", "depth", "inside"),
+    [("x", 0, True), ("./a/b", 0, True), ("../x", 1, True), ("../../x", 1, False), ("/etc", 3, False),
+     ("a/../b", 2, False), ("../a/../b", 2, False), ("", 0, False), ("..", 0, False), ("..", 1, True)],
+)
+def test_link_target_rule(target: str, depth: int, inside: bool) -> None:
+    assert link_stays_inside(target, depth) is inside
 
 
 def test_apply_never_writes_through_a_host_symlink(trio: tuple[Path, Path, Path]) -> None:
@@ -448,7 +458,7 @@ def test_image_round_trip_and_three_way_sync(tmp_path: Path) -> None:
     assert report.deleted == ["guest-deletes.txt"]
     assert report.conflicts == [("both-edit.txt", conflict("both-edit.txt"))]
     assert [p for p, _ in report.skipped] == ["escape"]
-    assert report.summary() == "3 copied, 1 deleted, 1 conflicts, 1 skipped"
+    assert report.summary() == "3 copied, 1 deleted, 1 conflicts, 1 skipped (escape)"
     assert sorted(os.listdir(state)) == ["workspace.ext4"]  # the extraction directory is gone
 
 
@@ -469,8 +479,8 @@ def test_an_unreadable_image_changes_nothing(tmp_path: Path) -> None:
     start = scan(tmp_path / "ws")
     image = tmp_path / "img"
     image.write_bytes(b"\0" * (1024 * 1024))  # not an ext4 filesystem: must not read as "the guest deleted all"
-    with pytest.raises(SandboxError, match="could not read the workspace image"):
+    with pytest.raises(SandboxError, match="could not sync back the workspace image") as info:
         sync_back(tmp_path / "ws", image, start)
+    assert str(image) in (info.value.hint or "")
     assert (tmp_path / "ws" / "f").read_text() == "keep me"
-    with pytest.raises(SandboxError):
-        extract_image(image, tmp_path)
+    assert image.exists() and sorted(os.listdir(tmp_path)) == ["img", "ws"]  # no scratch directory left

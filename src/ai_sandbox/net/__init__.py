@@ -30,6 +30,9 @@ __all__ = ["DEFAULT_POOL", "POOL_ENV", "NetConfig", "plan", "pool_from_env", "up
 
 log = logging.getLogger(__name__)
 LOCK_ENV = "AI_SANDBOX_NET_LOCK"
+# The uplink of a host without a default route: no interface can have this name ("/" is not allowed in one), so
+# the forward chain drops everything and the NAT chain matches nothing.
+NO_UPLINK = "/no-uplink"
 _OUR_TAP = re.compile(rf"^{re.escape(TAP_PREFIX)}[0-9a-f]{{{ID_LEN}}}$")
 
 
@@ -62,8 +65,11 @@ def up(
     owner_uid: int | None = None,
     uplink: str | None = None,
     egress: Sequence[rules.Rule] = rules.NAT_EGRESS,
-) -> None:
+) -> str | None:
     """Create the sandbox's TAP and firewall rules; on any failure nothing of this sandbox is left.
+
+    Returns the uplink used, or None when the host has no IPv4 default route (a laptop on a train): then the
+    sandbox starts anyway, nothing is forwarded (the guest has no way out), and its gateway ports still work.
 
     `allow_host_ports`: TCP ports the guest may reach on its gateway address (e.g. the proxy).
     `owner_uid`: user allowed to open the TAP (an unprivileged VMM). `uplink`: default-route interface if None.
@@ -75,7 +81,8 @@ def up(
     if bad:
         raise UsageError(f"not TCP ports: {bad}")
     with _locked():
-        out = uplink or tap.default_uplink()
+        found = uplink or tap.find_uplink()
+        out = found or NO_UPLINK
         clash = tap.address_conflicts(cfg.subnet, ignore=cfg.tap)
         if clash:
             raise SandboxError(
@@ -92,6 +99,7 @@ def up(
             except Exception:  # the original failure is the one worth reporting
                 log.exception("cleaning up the network of %s failed", name)
             raise
+    return found
 
 
 def down(name: str, cfg: NetConfig | None = None) -> None:

@@ -30,6 +30,7 @@ DEFAULT_MODE = "proxy"
 MODE_ENV, ALLOW_IP_ENV, ALLOW_PORTS_ENV = "AI_NETWORK", "EGRESS_ALLOW_IP", "EGRESS_ALLOW_TCP_PORTS"
 PROXY_PORT = 3128
 OLLAMA_PORT, PULSEAUDIO_PORT = 11434, 4713
+DNS_PORT = 53  # on the gateway in open/nat: the host agent's DNS server
 GATEWAY_PORTS = (OLLAMA_PORT, PULSEAUDIO_PORT)
 WEB_PORTS = (53, 80, 443)  # TCP: DNS (large answers), HTTP, HTTPS; DNS over UDP has its own rule
 
@@ -154,8 +155,10 @@ def egress_rules(p: EgressPolicy) -> tuple[Rule, ...]:
 
 
 def host_ports(p: EgressPolicy) -> tuple[int, ...]:
-    """TCP ports the guest may reach on its gateway address: `allow_host_ports` of `net.up`."""
-    ports = {"nat": (), "open": p.gateway_ports, "proxy": (p.proxy_port, *p.gateway_ports), "offline": ()}[p.mode]
+    """TCP ports the guest may reach on its gateway address: `allow_host_ports` of `net.up`. DNS_PORT among them
+    means DNS over UDP too: the host agent serves DNS there in modes open and nat (it asks the host's resolvers)."""
+    ports = {"nat": (DNS_PORT, OLLAMA_PORT), "open": (DNS_PORT, *p.gateway_ports),
+             "proxy": (p.proxy_port, *p.gateway_ports), "offline": ()}[p.mode]
     return tuple(sorted(set(ports)))
 
 

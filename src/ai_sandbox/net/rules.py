@@ -39,6 +39,7 @@ FWD_MAP, IN_MAP, NAT_MAP = "fwd_jump", "in_jump", "nat_jump"
 CHAIN_PREFIXES = ("sb_", "in_", "nat_")
 METADATA = IPv4Network("169.254.0.0/16")  # link-local, home of the cloud metadata service 169.254.169.254
 WILDCARD = TAP_PREFIX + "*"
+DNS_PORT = 53  # a gateway port that is served on UDP too
 
 Expr = dict[str, Any]
 Rule = Sequence[Expr]
@@ -158,6 +159,8 @@ def input_rules(cfg: NetConfig, host_ports: Sequence[int]) -> list[Rule]:
     ]
     if host_ports:
         rules.append([match(field("tcp", "dport"), {"set": sorted(set(host_ports))}), ACCEPT])
+    if DNS_PORT in host_ports:  # the host agent's DNS server answers on UDP as well
+        rules.append([match(field("udp", "dport"), DNS_PORT), ACCEPT])
     return [*rules, [DROP]]
 
 

@@ -8,7 +8,7 @@ from pathlib import Path
 
 from ai_sandbox import runner
 from ai_sandbox.errors import VMError
-from ai_sandbox.share import copy
+from ai_sandbox.share import copy, syncback
 from ai_sandbox.share.daemon import READY
 from ai_sandbox.state import Files, Instance, Spec
 from ai_sandbox.vmm import process
@@ -38,6 +38,9 @@ def sftp_stop(inst: Instance) -> None:
     process.remove(inst.path(Files.SHARE_PID))
 
 
+KEPT_IMAGE = "workspace-kept-{stamp}.ext4"  # a guest image with entries that were not synced back
+
+
 def copy_in(inst: Instance, spec: Spec) -> Path:
     """Fill the workspace image from the host directory and remember what it held."""
     image = inst.path(Files.WORKSPACE_IMG)
@@ -56,6 +59,11 @@ def copy_out(inst: Instance, spec: Spec) -> copy.SyncReport | None:
     image = inst.path(Files.WORKSPACE_IMG)
     if not manifest_path.exists() or not image.exists():
         return None
-    report = copy.sync_back(Path(spec.workspace), image, copy.load_manifest(manifest_path))
+    stamp = copy.conflict_stamp()
+    report = syncback.sync_back(Path(spec.workspace), image, copy.load_manifest(manifest_path), stamp=stamp)
+    if report.skipped:  # not every entry made it: the guest's image stays, under a name the next start keeps
+        kept = inst.path(KEPT_IMAGE.format(stamp=stamp))
+        image.rename(kept)
+        report.kept = str(kept)
     copy_discard(inst)
     return report
