@@ -8,7 +8,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from ai_sandbox.proxy.broker import DEFAULT_CREDENTIALS, PREFIX, Broker, load_secrets, placeholder
+from ai_sandbox.proxy.broker import DEFAULT_CREDENTIALS, DEFAULT_FIELDS, PREFIX, Broker, load_secrets, placeholder
 
 pytestmark = pytest.mark.unit
 
@@ -84,8 +84,61 @@ def test_basic_auth_for_another_host_or_without_placeholder_is_untouched():
 
 def test_a_longer_variable_name_is_not_mistaken_for_a_shorter_one():
     broker = Broker({"KEY": ["h.example"], "KEY_2": ["other.example"]}, {"KEY": "one", "KEY_2": "two"})
-    out, _, _ = broker.apply([("a", P("KEY_2")), ("b", P("KEY") + "-x")], "/", "h.example")
-    assert out == [("a", P("KEY_2")), ("b", "one-x")]
+    out, _, _ = broker.apply([("Authorization", f"Bearer {P('KEY_2')}")], "/", "h.example")
+    assert out == [("Authorization", f"Bearer {P('KEY_2')}")]
+    out, _, _ = broker.apply([("Authorization", f"Bearer {P('KEY')}")], "/", "h.example")
+    assert out == [("Authorization", "Bearer one")]
+
+
+@pytest.mark.parametrize(
+    ("headers", "target", "host"),
+    [
+        # the echo attacks of hole 2: the placeholder anywhere but the credential's own field
+        ([("anthropic-beta", P("ANTHROPIC_API_KEY"))], "/v1/messages", "api.anthropic.com"),
+        ([("x-api-key", f"{P('ANTHROPIC_API_KEY')}-x")], "/", "api.anthropic.com"),
+        ([("Authorization", f"Bearer {P('ANTHROPIC_API_KEY')}")], "/", "api.anthropic.com"),
+        ([], f"/v1/{P('ANTHROPIC_API_KEY')}/x", "api.anthropic.com"),
+        ([], f"/v1?return_to={P('ANTHROPIC_API_KEY')}", "api.anthropic.com"),
+        ([("x-api-key", P("OPENAI_API_KEY"))], "/", "api.openai.com"),
+        ([("OpenAI-Organization", P("OPENAI_API_KEY"))], f"/v1/{P('OPENAI_API_KEY')}", "api.openai.com"),
+        ([("Authorization", f"Bearer x {P('OPENAI_API_KEY')}")], "/", "api.openai.com"),
+        ([], f"/v1beta/models?alt={P('GEMINI_API_KEY')}", "generativelanguage.googleapis.com"),
+        ([], f"/v1beta/{P('GEMINI_API_KEY')}?key=1", "generativelanguage.googleapis.com"),
+        ([("x-goog-user-project", P("GEMINI_API_KEY"))], "/", "generativelanguage.googleapis.com"),
+        ([("X-GitHub-Api-Version", P("GITHUB_TOKEN"))], f"/repos?q={P('GITHUB_TOKEN')}", "api.github.com"),
+        ([("Cookie", f"t={P('GITHUB_TOKEN')}")], "/", "github.com"),
+    ],
+)
+def test_the_placeholder_outside_its_own_field_stays_a_placeholder(headers, target, host):
+    out, new_target, used = B.apply(headers, target, host)
+    assert (out, new_target, used) == (headers, target, [])
+
+
+def test_each_provider_field_is_substituted():
+    cases = [
+        ("api.anthropic.com", [("X-Api-Key", P("ANTHROPIC_API_KEY"))], "/", "sk-ant-REAL"),
+        ("api.openai.com", [("authorization", f"Bearer {P('OPENAI_API_KEY')}")], "/", "Bearer sk-oai-REAL"),
+        ("generativelanguage.googleapis.com", [("x-goog-api-key", P("GEMINI_API_KEY"))], "/", "AIza+REAL/="),
+        ("api.github.com", [("Authorization", f"token {P('GITHUB_TOKEN')}")], "/", "token ghp_REAL"),
+        ("api.github.com", [("Authorization", f"Bearer {P('GITHUB_TOKEN')}")], "/", "Bearer ghp_REAL"),
+    ]
+    for host, headers, target, expected in cases:
+        out, _, used = B.apply(headers, target, host)
+        assert out[0][1] == expected and len(used) == 1, host
+
+
+_NAMES = st.text(alphabet="abcdefghijklmnopqrstuvwxyz-", min_size=1, max_size=20)
+_TEXT = st.text(alphabet=st.characters(min_codepoint=32, max_codepoint=126), max_size=30)
+
+
+@given(_NAMES, _TEXT, _TEXT, st.sampled_from(sorted(SECRETS)))
+def test_no_real_value_outside_its_field(name, before, after, var):
+    """Whatever header (but the field) or path position carries the placeholder, no real value comes out."""
+    host = DEFAULT_CREDENTIALS[var][0]
+    own = {f.split(":", 1)[1] for f in DEFAULT_FIELDS[var] if f.startswith("header:")}
+    headers = [(name, before + P(var) + after)] if name not in own else []
+    out, target, _ = B.apply(headers, f"/{before}{P(var)}?q={P(var)}{after}", host)
+    assert all(SECRETS[var] not in v for _, v in out) and SECRETS[var] not in target
 
 
 def test_unset_or_unsafe_secrets_are_not_loaded():

@@ -78,7 +78,8 @@ def test_random_requests_never_break_the_proxy(rig):
     assert any(a.startswith(b"HTTP/1.1 400") for a in answers)
     with rig.client() as c:  # still serving, and still brokering
         r = c.get(rig.url("api.test.example", "/after-fuzz"), headers={"x-api-key": KEY})
-        assert r.status_code == 200 and r.json()["headers"]["x-api-key"] == SECRET
+        assert r.status_code == 200 and rig.up.seen("api.test.example")[-1].header("x-api-key") == SECRET
+        assert SECRET not in r.text  # the upstream echoes it; the proxy masks it on the way back
         assert c.get(rig.url("plain.test.example", "/after-fuzz", "http")).status_code == 200
     deadline = time.monotonic() + 10
     while rig.proxy._tasks and time.monotonic() < deadline:  # no connection left hanging

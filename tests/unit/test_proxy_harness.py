@@ -194,10 +194,14 @@ def upstreams(tmp_path: Path) -> Iterator[Upstreams]:
 def proxy_config(tmp_path: Path, up: Upstreams, **changes: object) -> ProxyConfig:
     values: dict = dict(
         sandbox="test", listen="127.0.0.1", port=0,
-        allow=["api.test.example", "other.test.example", "plain.test.example", "rebind.test.example"],
+        # The test servers listen on free ports, not 443: a tunnel to them needs an entry naming the port.
+        allow=["api.test.example", "other.test.example", "plain.test.example", "rebind.test.example",
+               *(f"{n}:{up.port(n)}" for n in up.servers), f"rebind.test.example:{up.port('api.test.example')}"],
         deny=["blocked.test.example"], allowed_networks=["127.0.0.2/31", "127.0.0.4/32"],
         credentials={"TEST_API_KEY": ["api.test.example"], "GIT_TOKEN": ["api.test.example"],
                      "UNUSED_KEY": ["other.test.example"]},
+        credential_fields={"TEST_API_KEY": ["header:x-api-key", "header:authorization", "header:x-goog-api-key",
+                                            "query:key"], "GIT_TOKEN": ["header:authorization"]},
         ca_dir=str(tmp_path / "sandbox-ca"), log=str(tmp_path / "proxy.log"), upstream_ca=str(up.ca_file),
         ports=up.ports,
     )  # fmt: skip

@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from ai_sandbox.errors import UsageError
-from ai_sandbox.proxy.broker import DEFAULT_CREDENTIALS, placeholder
+from ai_sandbox.proxy.broker import DEFAULT_CREDENTIALS, DEFAULT_FIELDS, placeholder, valid_field
 from ai_sandbox.proxy.ca import ca_cert_pem
 from ai_sandbox.proxy.log import read_log
 from ai_sandbox.proxy.rules import DEFAULT_PORTS, default_allow, read_policy, write_policy
@@ -53,6 +53,11 @@ class ProxyConfig:
     ports: list[int] = field(default_factory=lambda: list(DEFAULT_PORTS))
     blocked_networks: list[str] = field(default_factory=list)  # e.g. the sandbox pool: refused even if public
     hosts: dict[str, list[str]] = field(default_factory=dict)  # name -> addresses, before DNS (tests, pinning)
+    # where each credential goes ("header:x-api-key", "query:key"); variables not listed: Authorization only
+    credential_fields: dict[str, list[str]] = field(default_factory=lambda: {k: list(v) for k, v in DEFAULT_FIELDS.items()})
+    honeytokens: dict[str, str] = field(default_factory=dict)  # name -> decoy value: a request carrying one is an alert
+    alerts: str = ""  # file of alert records ("" = the request log only)
+    pause_pid_file: str = ""  # the VMM's pid file: SIGSTOP it on an alert ("" = do not pause)
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), indent=1, sort_keys=True) + "\n"
@@ -91,6 +96,12 @@ class ProxyConfig:
             "hosts": isinstance(self.hosts, dict) and all(strings(v) for v in self.hosts.values()),
             "ports": isinstance(self.ports, list) and all(isinstance(p, int) and 0 < p < 65536 for p in self.ports),
             "upstream_ca": self.upstream_ca is None or isinstance(self.upstream_ca, str),
+            "credential_fields": isinstance(self.credential_fields, dict)
+            and all(strings(v) and all(valid_field(f) for f in v) for v in self.credential_fields.values()),
+            "honeytokens": isinstance(self.honeytokens, dict)
+            and all(isinstance(k, str) and isinstance(v, str) and len(v) >= 8 for k, v in self.honeytokens.items()),
+            "alerts": isinstance(self.alerts, str),
+            "pause_pid_file": isinstance(self.pause_pid_file, str),
         }
         bad = [name for name, ok in checks.items() if not ok]
         if bad:

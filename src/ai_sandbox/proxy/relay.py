@@ -14,6 +14,7 @@ from urllib.parse import urlsplit
 
 from ai_sandbox.proxy.broker import Broker
 from ai_sandbox.proxy.log import ALLOW, DENY, RequestLog
+from ai_sandbox.proxy.scrub import Hit, Scanner, Stream
 from ai_sandbox.proxy.wire import (
     BUFFER,
     UNTIL_CLOSE,
@@ -77,8 +78,16 @@ async def open_upstream(target: Target, tls_context: ssl.SSLContext) -> Upstream
 
 
 class Relay:
-    def __init__(self, broker: Broker, log: RequestLog, tls_context: ssl.SSLContext) -> None:
+    """`keys` masks the real credentials in what comes back on intercepted connections; `honey` watches what the
+    guest sends for the sandbox's honeytokens (raises scrub.Hit)."""
+
+    def __init__(
+        self, broker: Broker, log: RequestLog, tls_context: ssl.SSLContext, keys: Scanner | None = None,
+        honey: Scanner | None = None,
+    ) -> None:  # fmt: skip
         self.broker, self.log, self.tls_context = broker, log, tls_context
+        self.keys = keys if keys is not None else Scanner(broker.secrets())
+        self.honey = honey if honey is not None else Scanner({})
 
     async def forward(
         self, head: Head, path: str, headers: list[Header], target: Target, upstream: Upstream | None,
@@ -94,6 +103,9 @@ class Relay:
             writer.write(b"HTTP/1.1 100 Continue\r\n\r\n")
         used: list[str] = []
         if target.tls:
+            # A compressed response could not be masked: ask for none (and refuse one that comes anyway, below).
+            headers = [h for h in headers if h[0].lower() not in ("accept-encoding", "sec-websocket-extensions")]
+            headers.append(("Accept-Encoding", "identity"))
             headers, path, used = self.broker.apply(headers, path, target.host)
         else:
             headers.append(("Connection", "close"))
@@ -101,28 +113,38 @@ class Relay:
         upstream, response = await self._exchange(request, reader, framing, target, upstream)
         try:
             framing_up = response_framing(response, method)
-        except BadMessage:
+            if target.tls and self.keys and _compressed(response):
+                raise Failed(502, "upstream sent a compressed response, which cannot be checked for keys", ALLOW)
+        except (BadMessage, Failed):
             upstream.close()
             raise
+        mask = self.keys.masker() if target.tls and self.keys else None
         status = int(response.first[1])
         upgraded = upgrade and status == 101
         keep_up = target.tls and not upgraded and framing_up != UNTIL_CLOSE and not response.wants_close()
         keep = not upgraded and framing_up != UNTIL_CLOSE and not head.wants_close()
         out = end_to_end(response.headers, ("connection", "upgrade") if upgraded else ())
+        if mask is not None:
+            out = [(k, mask.text(v)) for k, v in out]
         if not keep and not upgraded:
             out.append(("Connection", "close"))
         if status == 101 and not upgraded:
             upstream.close()
             raise Failed(502, "upstream switched protocols unasked", ALLOW)
-        writer.write(render(("HTTP/1.1", response.first[1], response.first[2]), out))
+        reason_phrase = mask.text(response.first[2]) if mask is not None else response.first[2]
+        writer.write(render(("HTTP/1.1", response.first[1], reason_phrase), out))
         reason = why + (f"; credential {', '.join(used)}" if used else "")
         self.log.record(method, target.host, target.port, ALLOW, reason, status)
         try:
-            await copy_body(upstream.reader, writer, framing_up, 502)
+            await copy_body(upstream.reader, writer, framing_up, 502, mask)
             if upgraded:
-                await pipe(reader, writer, upstream.reader, upstream.writer)
+                await pipe(reader, writer, upstream.reader, upstream.writer, self._watch(), self.keys.masker())
         except (BadMessage, OSError, asyncio.IncompleteReadError):
             keep = keep_up = False
+        except Hit as e:
+            upstream.close()
+            e.answered = True
+            raise
         if not keep_up:
             upstream.close()
         return (upstream if keep_up else None), keep
@@ -139,7 +161,7 @@ class Relay:
                 upstream = await open_upstream(target, self.tls_context)
             try:
                 upstream.writer.write(request)
-                await copy_body(reader, upstream.writer, framing, 400)
+                await copy_body(reader, upstream.writer, framing, 400, self._watch())
                 response = await read_head(upstream.reader, request=False)
                 while int(response.first[1]) < 200 and response.first[1] != "101":
                     response = await read_head(upstream.reader, request=False)
@@ -151,10 +173,17 @@ class Relay:
                     upstream = None
                     continue
                 raise Failed(502, "upstream closed the connection", ALLOW) from e
-            except BadMessage:
+            except (BadMessage, Hit):
                 upstream.close()
                 raise
         raise AssertionError("unreachable")
+
+    def _watch(self) -> Stream | None:
+        return self.honey.watcher() if self.honey else None
+
+
+def _compressed(response: Head) -> bool:
+    return any(c.lower() != "identity" for c in response.values("content-encoding"))
 
 
 def inner_target(head: Head, target: Target) -> str:

@@ -13,6 +13,7 @@ import ipaddress
 import json
 import logging
 import os
+import re
 import sys
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
@@ -59,8 +60,28 @@ def host_matches(pattern: str, host: str) -> bool:
     return pattern == host
 
 
-def first_match(patterns: Iterable[str], host: str) -> str | None:
-    return next((p for p in patterns if host_matches(p, host)), None)
+def split_entry(entry: str) -> tuple[str, int | None]:
+    """`host`, `*.suffix`, `[v6]`, `host:port` → (pattern, port or None)."""
+    entry = entry.strip()
+    if entry.startswith("["):
+        host, _, rest = entry[1:].partition("]")
+        port = rest[1:] if rest.startswith(":") else ""
+    elif entry.count(":") == 1:
+        host, _, port = entry.partition(":")
+    else:
+        host, port = entry, ""
+    if port and re.fullmatch(r"[0-9]{1,5}", port) and 0 < int(port) < 65536:
+        return host, int(port)
+    return (host, None) if not port else (entry, -1)  # a bad port matches no port at all
+
+
+def first_match(patterns: Iterable[str], host: str, port: int | None = None) -> str | None:
+    """The first pattern naming `host` (and, when a pattern carries a port, `port`)."""
+    for p in patterns:
+        pattern, want = split_entry(p)
+        if host_matches(pattern, host) and (want is None or want == port):
+            return p
+    return None
 
 
 @dataclass(frozen=True)
@@ -79,20 +100,30 @@ class Policy:
     allowed_networks: tuple[IPNetwork, ...] = ()
     blocked_networks: tuple[IPNetwork, ...] = ()  # the sandbox pool: refused even when public or allowed
 
-    def check(self, host: str, port: int) -> Verdict:
-        """May a request go to host:port at all (before resolving)?"""
-        denied = first_match(self.deny, host)
+    def check(self, host: str, port: int, connect: bool = False) -> Verdict:
+        """May a request go to host:port at all (before resolving)? A CONNECT tunnel goes to 443 only, unless an
+        allow entry names the port (`host:8443`); an entry with a port allows (or denies) that port only."""
+        denied = first_match(self.deny, host, port)
         if denied:
             return Verdict(False, f"deny-list: {denied}")
-        if port not in self.ports:
-            return Verdict(False, f"port {port} not allowed")
+        named = first_match([p for p in self.allow if split_entry(p)[1] is not None], host, port)
         ip = ip_literal(host)
         if ip is not None:
-            if self._in(ip, self.allowed_networks) or str(ip) in {normalize_host(a) for a in self.allow}:
-                return Verdict(True, "allowed address")
-            return Verdict(False, "IP address not allowed")
-        allowed = first_match(self.allow, host)
-        return Verdict(True, f"allow-list: {allowed}") if allowed else Verdict(False, "not in allow-list")
+            listed = (str(ip), None) in {split_entry(a) for a in self.allow}
+            if not (named or listed or self._in(ip, self.allowed_networks)):
+                return Verdict(False, "IP address not allowed")
+            reason = "allowed address"
+        else:
+            bare = first_match([p for p in self.allow if split_entry(p)[1] is None], host, port)
+            if not (named or bare):
+                return Verdict(False, "not in allow-list")
+            reason = f"allow-list: {named or bare}"
+        if named is None:
+            if connect and port != 443:
+                return Verdict(False, f"CONNECT to port {port} not allowed (only 443, or a host:port entry)")
+            if port not in self.ports:
+                return Verdict(False, f"port {port} not allowed")
+        return Verdict(True, reason)
 
     def address_ok(self, ip: IPAddress) -> bool:
         """May we connect to this resolved address? Never to blocked_networks (the sandbox pool: other sandboxes and

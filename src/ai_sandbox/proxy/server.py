@@ -1,9 +1,14 @@
 """The egress proxy of one sandbox: an HTTP/1.1 forward proxy with a domain policy and a credential broker.
 
     GET http://host/…   policy → resolve → forward over plain TCP (placeholders stay: never a secret in clear text)
-    CONNECT host:port   policy → resolve → blind tunnel; or, when the host has a credential, TLS is terminated
-                        with a leaf of the sandbox CA, each request is checked (Host = CONNECT target), gets its
-                        credentials and goes on over TLS verified against the system's trust store
+    CONNECT host:port   policy (443 only, unless an allow entry names the port) → resolve → blind tunnel, once the
+                        ClientHello's server name is the CONNECT host; or, when the host has a credential, TLS is
+                        terminated with a leaf of the sandbox CA, each request is checked (Host = CONNECT target),
+                        gets its credential in its own field and goes on over TLS verified against the system's trust
+                        store; what comes back has the real keys masked
+
+Every request head (and body, where the proxy sees it) is watched for the sandbox's honeytokens: a hit is refused,
+logged as an alert and, if configured, pauses the VM.
 
 The proxy resolves names itself and connects only to the addresses it checked, so a name that resolves to a
 private, loopback or link-local address (DNS rebinding) is refused unless `allowed_networks` names it.
@@ -25,9 +30,12 @@ from urllib.parse import urlsplit
 from ai_sandbox.proxy import ProxyConfig
 from ai_sandbox.proxy.broker import Broker
 from ai_sandbox.proxy.ca import LeafCache, load_or_create, sni_of
+from ai_sandbox.proxy.honey import Pauser
 from ai_sandbox.proxy.log import ALLOW, DENY, RequestLog
 from ai_sandbox.proxy.relay import CONNECT_TIMEOUT, Failed, Relay, Target, Upstream, inner_target, open_upstream
 from ai_sandbox.proxy.rules import Policy, PolicyFile, ip_literal, normalize_host, parse_networks
+from ai_sandbox.proxy.scrub import Hit, Scanner
+from ai_sandbox.proxy.sni import BadHello, read_client_hello
 from ai_sandbox.proxy.wire import BadMessage, Head, error_response, pipe, read_head, request_framing, split_authority
 
 log = logging.getLogger(__name__)
@@ -88,12 +96,14 @@ class ProxyServer:
     ) -> None:  # fmt: skip
         self.cfg = cfg
         self.policy = policy or policy_of(cfg)
-        self.broker = Broker(cfg.credentials, secrets)
+        self.broker = Broker(cfg.credentials, secrets, cfg.credential_fields)
         self.leaves = LeafCache(load_or_create(Path(cfg.ca_dir)))
-        self.log = RequestLog(Path(cfg.log), cfg.sandbox)
+        self.log = RequestLog(Path(cfg.log), cfg.sandbox, alerts=Path(cfg.alerts) if cfg.alerts else None)
         self.resolver = resolver or mapped_resolver(cfg.hosts)
         self.upstream_tls = upstream_context(cfg.upstream_ca)
-        self.relay = Relay(self.broker, self.log, self.upstream_tls)
+        self.honey = Scanner(dict(cfg.honeytokens))
+        self.pauser = Pauser(Path(cfg.pause_pid_file) if cfg.pause_pid_file else None)
+        self.relay = Relay(self.broker, self.log, self.upstream_tls, Scanner(self.broker.secrets()), self.honey)
         self.max_connections = MAX_CONNECTIONS
         self._server: asyncio.Server | None = None
         self._tasks: set[asyncio.Task[None]] = set()
@@ -148,6 +158,23 @@ class ProxyServer:
         self.log.record(method, host, port, verdict, e.reason, e.status)
         writer.write(error_response(e.status, e.reason))
 
+    def _watch(self, head: Head) -> None:
+        """Raises Hit when the request line or a header carries a honeytoken."""
+        if self.honey:
+            for text in (head.first[1], *(v for _, v in head.headers)):
+                name = self.honey.find_text(text)
+                if name:
+                    raise Hit(name)
+
+    def _alert(self, writer: asyncio.StreamWriter, method: str, host: str, port: int, hit: Hit) -> None:
+        """A honeytoken on its way out: refused, an alert logged, the VM paused if so configured."""
+        paused = self.pauser.pause()
+        reason = f"honeytoken {hit.name} sent" + ("; VM paused" if paused else "")
+        log.warning("sandbox %s: %s to %s:%d", self.cfg.sandbox, reason, host, port)
+        self.log.alert(method, host, port, reason, paused)
+        if not hit.answered:
+            writer.write(error_response(403, "refused"))
+
     async def _session(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         while True:
             try:
@@ -163,9 +190,9 @@ class ProxyServer:
             await writer.drain()
 
     async def _admit(self, host: str, port: int, tls: bool = False) -> tuple[Target, str]:
-        """Policy, then resolution, then the addresses' check; raises Failed."""
+        """Policy, then resolution, then the addresses' check; raises Failed. `tls`: a CONNECT tunnel."""
         policy = self.policy.current()
-        verdict = policy.check(host, port)
+        verdict = policy.check(host, port, connect=tls)
         if not verdict.allowed:
             raise Failed(403, verdict.reason)
         literal = ip_literal(host)
@@ -187,21 +214,48 @@ class ProxyServer:
         except BadMessage as e:
             return self._refuse(writer, "CONNECT", head.first[1], 0, e)
         try:
+            self._watch(head)
+        except Hit as hit:
+            return self._alert(writer, "CONNECT", host, port, hit)
+        try:
             target, why = await self._admit(host, port, tls=True)
             upstream = await open_upstream(target, self.upstream_tls)
         except Failed as e:
             return self._refuse(writer, "CONNECT", host, port, e)
-        writer.write(b"HTTP/1.1 200 Connection established\r\n\r\n")
-        await writer.drain()
-        self.log.record("CONNECT", host, port, ALLOW, f"{'intercept' if target.tls else 'tunnel'}; {why}", 200)
-        if not target.tls:
-            return await pipe(reader, writer, upstream.reader, upstream.writer)
         conn: list[Upstream | None] = [upstream]  # the current upstream connection, closed whatever happens
         try:
+            writer.write(b"HTTP/1.1 200 Connection established\r\n\r\n")
+            await writer.drain()
+            if not target.tls:
+                return await self._tunnel(target, why, upstream, reader, writer)
+            self.log.record("CONNECT", host, port, ALLOW, f"intercept; {why}", 200)
             await self._intercept(target, conn, reader, writer)
         finally:
             if conn[0] is not None:
                 conn[0].close()
+
+    async def _tunnel(
+        self, target: Target, why: str, upstream: Upstream, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
+    ) -> None:
+        """A blind tunnel, once the guest's ClientHello names the CONNECT host."""
+        try:
+            hello, sni = await read_client_hello(reader, TLS_TIMEOUT)
+            if sni is None:
+                raise BadHello("the ClientHello names no server")
+            if normalize_host(sni) != target.host:
+                raise BadHello(f"TLS server name {sni[:100]} differs from the CONNECT target")
+            if self.honey and self.honey.find(hello):
+                raise Hit(self.honey.find(hello) or "")
+        except (BadHello, EOFError, TimeoutError) as e:
+            reason = str(e) if isinstance(e, BadHello) else "no ClientHello"
+            self.log.record("CONNECT", target.host, target.port, DENY, f"tunnel refused: {reason}", 0)
+            return
+        except Hit as hit:
+            hit.answered = True
+            return self._alert(writer, "CONNECT", target.host, target.port, hit)
+        self.log.record("CONNECT", target.host, target.port, ALLOW, f"tunnel; {why}", 200)
+        upstream.writer.write(hello)
+        await pipe(reader, writer, upstream.reader, upstream.writer)
 
     async def _intercept(
         self, target: Target, conn: list[Upstream | None], reader: asyncio.StreamReader, writer: asyncio.StreamWriter
@@ -220,11 +274,14 @@ class ProxyServer:
                 return
             method = head.first[0]
             try:
+                self._watch(head)
                 path = inner_target(head, target)
                 upstream, conn[0] = conn[0], None
                 conn[0], keep = await self.relay.forward(head, path, list(head.headers), target, upstream, reader, writer)
             except (Failed, BadMessage) as e:
                 return self._refuse(writer, method, target.host, target.port, e)
+            except Hit as hit:
+                return self._alert(writer, method, target.host, target.port, hit)
             if not keep:
                 return
             await writer.drain()
@@ -239,6 +296,7 @@ class ProxyServer:
             if url.scheme.lower() != "http" or not url.netloc:
                 raise Failed(400, "not a proxy request: expected an absolute http:// URL or CONNECT")
             host, port = split_authority(url.netloc, 80)
+            self._watch(head)
             request_framing(head)  # ambiguous framing is refused before anything else
             target, why = await self._admit(host, port)
             path = (url.path or "/") + (f"?{url.query}" if url.query else "")
@@ -247,7 +305,10 @@ class ProxyServer:
             return keep
         except (Failed, BadMessage, ValueError) as e:
             error = e if isinstance(e, Failed | BadMessage) else BadMessage("malformed URL")
-            self._refuse(writer, method, host or raw, port, error)
+            self._refuse(writer, method, host or raw[:255], port, error)
+            return False
+        except Hit as hit:
+            self._alert(writer, method, host, port, hit)
             return False
 
 

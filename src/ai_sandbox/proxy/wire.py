@@ -10,6 +10,7 @@ import asyncio
 import re
 from collections.abc import Iterable
 from dataclasses import dataclass
+from typing import Protocol
 
 MAX_LINE = 16 * 1024
 MAX_HEADERS = 128
@@ -21,6 +22,7 @@ _TOKEN = re.compile(rb"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")
 _TARGET = re.compile(rb"[\x21-\x7e]+")
 _CTL = re.compile(rb"[\x00-\x08\x0a-\x1f\x7f]")
 _VERSION = re.compile(rb"HTTP/1\.[01]")
+_DIGITS = re.compile(r"[0-9]{1,18}")
 _CHUNK_SIZE = re.compile(rb"([0-9a-fA-F]{1,15})[ \t]*(;[^\r\n]*)?")
 _HOP_BY_HOP = {"connection", "keep-alive", "proxy-connection", "proxy-authorization", "proxy-authenticate", "te",
                "trailer", "upgrade"}  # fmt: skip
@@ -130,7 +132,8 @@ def _content_length(head: Head, status: int) -> int | None:
     values = set(head.values("content-length"))
     if not values:
         return None
-    if len(values) > 1 or not next(iter(values)).isdigit() or len(next(iter(values))) > 18:
+    # str.isdigit() takes "²" and other Unicode digits, which int() then refuses: ASCII digits only.
+    if len(values) > 1 or not _DIGITS.fullmatch(next(iter(values))):
         raise BadMessage("bad Content-Length", status)
     return int(values.pop())
 
@@ -159,37 +162,63 @@ def response_framing(head: Head, method: str) -> int:
     return UNTIL_CLOSE if length is None else length
 
 
-async def copy_exact(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, n: int, status: int = 400) -> None:
+class Filter(Protocol):
+    """What a body passes through on its way (scrub.Stream): may hold bytes back until flush()."""
+
+    def feed(self, data: bytes) -> bytes: ...
+    def flush(self) -> bytes: ...
+    def text(self, value: str) -> str: ...
+
+
+async def copy_exact(
+    reader: asyncio.StreamReader, writer: asyncio.StreamWriter, n: int, status: int = 400, flt: Filter | None = None
+) -> None:
     while n > 0:
         data = await reader.read(min(n, BUFFER))
         if not data:
             raise BadMessage("body ended early", status)
-        writer.write(data)
-        await writer.drain()
         n -= len(data)
-
-
-async def copy_until_close(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-    while data := await reader.read(BUFFER):
-        writer.write(data)
+        writer.write(flt.feed(data) if flt else data)
         await writer.drain()
+    if flt:
+        writer.write(flt.flush())
 
 
-async def copy_chunked(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, status: int = 400) -> None:
-    """Re-frames each chunk as we parsed it (extensions dropped), so what we forward is what we checked."""
+async def copy_until_close(
+    reader: asyncio.StreamReader, writer: asyncio.StreamWriter, flt: Filter | None = None
+) -> None:
+    while data := await reader.read(BUFFER):
+        writer.write(flt.feed(data) if flt else data)
+        await writer.drain()
+    if flt:
+        writer.write(flt.flush())
+
+
+async def copy_chunked(
+    reader: asyncio.StreamReader, writer: asyncio.StreamWriter, status: int = 400, flt: Filter | None = None
+) -> None:
+    """Re-frames the body as we read it (extensions dropped), so what we forward is what we checked; with a filter,
+    the chunks are what the filter lets through."""
     try:
         while True:
             match = _CHUNK_SIZE.fullmatch(await read_line(reader, status))
             if not match:
                 raise BadMessage("bad chunk size", status)
             size = int(match.group(1), 16)
-            writer.write(b"%x\r\n" % size)
             if size == 0:
                 break
-            await copy_exact(reader, writer, size, status)
+            while size > 0:
+                data = await reader.read(min(size, BUFFER))
+                if not data:
+                    raise BadMessage("chunked body ended early", status)
+                size -= len(data)
+                _chunk(writer, flt.feed(data) if flt else data)
+                await writer.drain()
             if await reader.readexactly(2) != b"\r\n":
                 raise BadMessage("bad chunk end", status)
-            writer.write(b"\r\n")
+        if flt:
+            _chunk(writer, flt.flush())
+        writer.write(b"0\r\n")
         for _ in range(MAX_HEADERS):
             line = await read_line(reader, status)
             if not line:
@@ -197,19 +226,26 @@ async def copy_chunked(reader: asyncio.StreamReader, writer: asyncio.StreamWrite
                 await writer.drain()
                 return
             name, value = parse_header(line, status)
-            writer.write(f"{name}: {value}\r\n".encode("latin-1"))
+            writer.write(f"{name}: {flt.text(value) if flt else value}\r\n".encode("latin-1"))
         raise BadMessage("too many trailers", status)
     except (EOFError, asyncio.IncompleteReadError):
         raise BadMessage("chunked body ended early", status) from None
 
 
-async def copy_body(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, framing: int, status: int) -> None:
+def _chunk(writer: asyncio.StreamWriter, data: bytes) -> None:
+    if data:
+        writer.write(b"%x\r\n%s\r\n" % (len(data), data))
+
+
+async def copy_body(
+    reader: asyncio.StreamReader, writer: asyncio.StreamWriter, framing: int, status: int, flt: Filter | None = None
+) -> None:
     if framing == CHUNKED:
-        await copy_chunked(reader, writer, status)
+        await copy_chunked(reader, writer, status, flt)
     elif framing == UNTIL_CLOSE:
-        await copy_until_close(reader, writer)
+        await copy_until_close(reader, writer, flt)
     elif framing > 0:
-        await copy_exact(reader, writer, framing, status)
+        await copy_exact(reader, writer, framing, status, flt)
 
 
 def render(first: Iterable[str], headers: Iterable[Header]) -> bytes:
@@ -244,16 +280,16 @@ def split_authority(authority: str, default_port: int | None) -> tuple[str, int]
         raise BadMessage("malformed host")
     if not port_text and default_port is not None:
         port = default_port
-    elif port_text.isdigit() and len(port_text) <= 5 and 0 < int(port_text) < 65536:
+    elif re.fullmatch(r"[0-9]{1,5}", port_text) and 0 < int(port_text) < 65536:
         port = int(port_text)
     else:
         raise BadMessage("malformed port")
     return host.rstrip(".").lower(), port
 
 
-async def _pump(src: asyncio.StreamReader, dst: asyncio.StreamWriter) -> None:
+async def _pump(src: asyncio.StreamReader, dst: asyncio.StreamWriter, flt: Filter | None = None) -> None:
     try:
-        await copy_until_close(src, dst)
+        await copy_until_close(src, dst, flt)
     finally:
         # Pass the half-close on where the transport can (TCP); TLS cannot, so the whole connection ends.
         try:
@@ -268,13 +304,20 @@ async def _pump(src: asyncio.StreamReader, dst: asyncio.StreamWriter) -> None:
 async def pipe(
     a_reader: asyncio.StreamReader, a_writer: asyncio.StreamWriter,
     b_reader: asyncio.StreamReader, b_writer: asyncio.StreamWriter,
+    a_to_b: Filter | None = None, b_to_a: Filter | None = None,
 ) -> None:  # fmt: skip
-    """Copy both ways until both sides are done (half-close is passed on) or either fails."""
-    tasks = [asyncio.ensure_future(_pump(a_reader, b_writer)), asyncio.ensure_future(_pump(b_reader, a_writer))]
+    """Copy both ways until both sides are done (half-close is passed on) or either fails. A filter's own exception
+    (a watched secret seen) is raised once both directions are stopped; connection errors just end the pipe."""
+    tasks = [asyncio.ensure_future(_pump(a_reader, b_writer, a_to_b)),
+             asyncio.ensure_future(_pump(b_reader, a_writer, b_to_a))]  # fmt: skip
     try:
         await asyncio.wait(tasks, return_when=asyncio.FIRST_EXCEPTION)
     finally:
         for task in tasks:
             task.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
+        results = await asyncio.gather(*tasks, return_exceptions=True)
         b_writer.close()
+    ended = OSError | EOFError | BadMessage | asyncio.IncompleteReadError
+    for result in results:
+        if isinstance(result, Exception) and not isinstance(result, ended):
+            raise result

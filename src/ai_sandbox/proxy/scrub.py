@@ -1,0 +1,147 @@
+"""Finding secrets in bytes that pass the proxy, whole or streamed: the real keys on the way back to the guest
+(masked), the sandbox's honeytokens on the way out (a hit stops the request).
+
+A secret is looked for in the forms a server or a client would write it in: raw, URL-encoded (upper and lower case
+hex, `+` for space), JSON-escaped, and base64 / base64url at each of the three byte alignments. The base64 forms
+are the characters that depend on the secret alone, so they are found inside any larger encoding, such as
+`Authorization: Basic base64(user:key)` whatever the user name is.
+
+Streams keep back the end of each piece that could be the start of a form (at most `longest form - 1` bytes) until
+the next piece arrives, so a form split across chunk boundaries is still found while anything else passes at once
+(an interactive stream is not delayed); masking keeps every length (Content-Length, chunk sizes stay true).
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import re
+from collections.abc import Iterable
+from urllib.parse import quote, quote_plus
+
+MIN_CORE = 8  # shorter base64 cores of a short secret would match by chance
+
+
+class Hit(Exception):
+    """A watched secret was found; `name` says which (never the value)."""
+
+    def __init__(self, name: str) -> None:
+        super().__init__(f"found {name}")
+        self.name = name
+        self.answered = False  # a response had been sent already when it was found
+
+
+def _base64_cores(raw: bytes) -> set[bytes]:
+    cores: set[bytes] = set()
+    for offset in range(3):
+        enc = base64.b64encode(b"\0" * offset + raw)
+        core = enc[(8 * offset + 5) // 6 : (8 * (offset + len(raw))) // 6]
+        if len(core) >= MIN_CORE:
+            cores |= {core, core.translate(bytes.maketrans(b"+/", b"-_"))}
+    return cores
+
+
+def forms(secret: str) -> set[bytes]:
+    """Every form of `secret` that is looked for."""
+    raw = secret.encode()
+    quoted = quote(secret, safe="")
+    lower_hex = re.sub(r"%[0-9A-F]{2}", lambda m: m.group(0).lower(), quoted)
+    found = {raw, quoted.encode(), lower_hex.encode(), quote_plus(secret).encode()}
+    escaped = json.dumps(secret)[1:-1]
+    found |= {escaped.encode(), escaped.replace("/", "\\/").encode()}
+    return {f for f in found | _base64_cores(raw) if f}
+
+
+class Scanner:
+    """One compiled search for the forms of several named secrets."""
+
+    def __init__(self, secrets: dict[str, str]) -> None:
+        self._names: dict[bytes, str] = {}
+        for name, value in secrets.items():
+            for form in forms(value):
+                self._names.setdefault(form, name)
+        ordered = sorted(self._names, key=len, reverse=True)  # the longest of overlapping forms wins
+        self.longest = len(ordered[0]) if ordered else 0
+        self._regex = re.compile(b"|".join(map(re.escape, ordered))) if ordered else None
+        self._prefixes: list[set[bytes]] = [set() for _ in range(self.longest)]  # [k]: every form's first k bytes
+        for form in ordered:
+            for k in range(1, len(form)):
+                self._prefixes[k].add(form[:k])
+
+    def held(self, buf: bytes) -> int:
+        """How many bytes at the end of `buf` could begin a form that continues in the next piece."""
+        for k in range(min(self.longest - 1, len(buf)), 0, -1):
+            if buf[-k:] in self._prefixes[k]:
+                return k
+        return 0
+
+    def __bool__(self) -> bool:
+        return self._regex is not None
+
+    def find(self, data: bytes) -> str | None:
+        """The name of the first secret found in `data`, or None."""
+        if self._regex is None:
+            return None
+        m = self._regex.search(data)
+        return self._names[m.group(0)] if m else None
+
+    def mask(self, data: bytes) -> bytes:
+        if self._regex is None:
+            return data
+        return self._regex.sub(lambda m: b"*" * len(m.group(0)), data)
+
+    def find_text(self, text: str) -> str | None:
+        return self.find(text.encode("latin-1", "replace"))
+
+    def mask_text(self, text: str) -> str:
+        if self._regex is None:
+            return text
+        return self.mask(text.encode("latin-1", "replace")).decode("latin-1")
+
+    def masker(self) -> Stream:
+        return Stream(self, watch=False)
+
+    def watcher(self) -> Stream:
+        return Stream(self, watch=True)
+
+
+class Stream:
+    """Bytes of one body or tunnel direction, piece by piece: masked (the real keys) or watched (raises Hit)."""
+
+    def __init__(self, scanner: Scanner, watch: bool) -> None:
+        self.scanner, self.watch = scanner, watch
+        self._tail = b""
+
+    def feed(self, data: bytes) -> bytes:
+        """What may be passed on now; the end that could begin a form stays behind until the next piece or flush()."""
+        buf = self._tail + data if self._tail else data
+        buf = self._check(buf)
+        cut = len(buf) - self.scanner.held(buf)
+        self._tail = buf[cut:]
+        return buf[:cut]
+
+    def flush(self) -> bytes:
+        """The bytes held back (at the end of the body or stream)."""
+        out, self._tail = self._tail, b""
+        return out
+
+    def text(self, value: str) -> str:
+        """A header or trailer value, whole."""
+        if self.watch:
+            name = self.scanner.find_text(value)
+            if name:
+                raise Hit(name)
+            return value
+        return self.scanner.mask_text(value)
+
+    def _check(self, buf: bytes) -> bytes:
+        if self.watch:
+            name = self.scanner.find(buf)
+            if name:
+                raise Hit(name)
+            return buf
+        return self.scanner.mask(buf)
+
+
+def scanner_of(secrets: Iterable[tuple[str, str]]) -> Scanner:
+    return Scanner({name: value for name, value in secrets if value})
