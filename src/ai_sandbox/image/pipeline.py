@@ -114,7 +114,7 @@ class Pipeline:
             with progress.step(f"{name_r}: {name}"), self.cache.build(name, inputs) as work:
                 make(work, log_file)
         except SandboxError as e:
-            raise BuildError(f"build step {name} failed: {e.message}", log=str(log_file)) from e
+            raise BuildError(f"build step {name} failed: {e.message}", hint=e.hint, log=str(log_file)) from e
         except OSError as e:
             raise BuildError(f"build step {name} failed: {e}", log=str(log_file)) from e
         self.cache.record(name_r, name, inputs)
