@@ -14,6 +14,7 @@ from ai_sandbox import proxy, runner
 from ai_sandbox.config import Settings
 from ai_sandbox.errors import UsageError, VMError
 from ai_sandbox.net import NetConfig
+from ai_sandbox.proxy import honey
 from ai_sandbox.state import Files, Instance
 from ai_sandbox.vmm import process
 
@@ -24,6 +25,9 @@ BUNDLE = "/etc/ssl/certs/ca-certificates.crt"
 HOSTS_ENV = "AI_SANDBOX_PROXY_HOSTS"  # "name=addr,name=addr"
 UPSTREAM_CA_ENV = "AI_SANDBOX_PROXY_UPSTREAM_CA"
 ALLOWED_NETS_ENV = "AI_SANDBOX_PROXY_ALLOWED_NETWORKS"  # "203.0.113.0/24,..."
+PAUSE_ENV = "AI_SANDBOX_HONEYTOKEN_PAUSE"  # "1": a honeytoken alert pauses the VM
+HONEYTOKENS = "honeytokens.json"  # in the instance dir, 0600, made at the first start
+ALERTS = "proxy-alerts.jsonl"
 
 
 def _hosts() -> dict[str, list[str]]:
@@ -37,11 +41,13 @@ def _hosts() -> dict[str, list[str]]:
 def configure(inst: Instance, cfg: NetConfig, settings: Settings) -> str:
     """Write the proxy config; returns the CA certificate (PEM) the guest must trust."""
     ca_dir = inst.path(Files.PROXY_CA)
+    pause = os.environ.get(PAUSE_ENV, "") == "1"
     pcfg = proxy.ProxyConfig(
         sandbox=inst.name, listen=str(cfg.host_ip), port=proxy.PORT, allow=proxy.default_allow(),
         allowed_networks=[n for n in os.environ.get(ALLOWED_NETS_ENV, "").split(",") if n],
         ca_dir=str(ca_dir), log=str(inst.path(Files.PROXY_LOG)), upstream_ca=os.environ.get(UPSTREAM_CA_ENV) or None,
-        blocked_networks=[str(cfg.pool)], hosts=_hosts(),
+        blocked_networks=[str(cfg.pool)], hosts=_hosts(), honeytokens=honeytokens(inst),
+        alerts=str(inst.path(ALERTS)), pause_pid_file=str(inst.path(Files.PID)) if pause else "",
     )
     proxy.write_config(pcfg, inst.path(Files.PROXY_CONFIG))
     return proxy.ca_cert_pem(ca_dir)
@@ -52,6 +58,12 @@ def start(inst: Instance, cfg: NetConfig, settings: Settings) -> None:
     sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     try:
+        # Only connections that arrive on the sandbox's own TAP: not the host's processes (they come in on lo),
+        # not other sandboxes. Needs CAP_NET_RAW; without it the firewall rule on the port is the only guard.
+        try:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_BINDTODEVICE, cfg.tap.encode())
+        except PermissionError:
+            pass
         sock.bind((str(cfg.host_ip), proxy.PORT))
         sock.listen(128)
         log = inst.path(Files.PROXY_DAEMON_LOG)
@@ -65,6 +77,34 @@ def start(inst: Instance, cfg: NetConfig, settings: Settings) -> None:
         raise VMError("the egress proxy exited at start", log=str(log))
 
 
+def honeytokens(inst: Instance) -> dict[str, str]:
+    """The sandbox's decoy credentials (made once, kept in the instance dir)."""
+    try:
+        return honey.ensure(inst.path(HONEYTOKENS))
+    except (OSError, ValueError) as e:
+        raise VMError(f"cannot read the honeytokens of {inst.name}: {e}") from None
+
+
+def guest_files(inst: Instance, settings: Settings) -> list[dict[str, object]]:
+    """Files the config drive writes in the guest: the decoy AWS credentials of the guest user."""
+    tokens = honeytokens(inst)
+    return [{"path": ".aws/credentials", "in_home": True, "content": honey.aws_credentials(tokens), "mode": 0o600}]
+
+
+def alerts(inst: Instance) -> tuple[int, bool]:
+    """Honeytoken alerts of the sandbox so far, and whether one of them paused the VM."""
+    count, paused = 0, False
+    try:
+        fd = os.open(inst.path(ALERTS), os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW)
+    except OSError:
+        return 0, False
+    with os.fdopen(fd, "rb") as fh:
+        for line in fh.read(1 << 20).splitlines():
+            count += 1
+            paused = paused or b'"paused": true' in line
+    return count, paused
+
+
 def stop(inst: Instance) -> None:
     pid = process.read_pid(inst.path(Files.PROXY_PID))
     if pid is not None and process.alive(pid):
@@ -76,8 +116,8 @@ def running(inst: Instance) -> bool:
     return process.alive_from(inst.path(Files.PROXY_PID))
 
 
-def guest_environment(cfg: NetConfig, settings: Settings) -> dict[str, str]:
-    """Proxy settings every tool understands, the CA bundle, and placeholders instead of the keys."""
+def guest_environment(cfg: NetConfig, settings: Settings, tokens: dict[str, str] | None = None) -> dict[str, str]:
+    """Proxy settings every tool understands, the CA bundle, placeholders instead of the keys, and the decoy."""
     url = f"http://{cfg.host_ip}:{proxy.PORT}"
     env = {name: url for name in ("HTTP_PROXY", "HTTPS_PROXY", "http_proxy", "https_proxy")}
     env |= {"NO_PROXY": "localhost,127.0.0.1,::1", "no_proxy": "localhost,127.0.0.1,::1", "NODE_USE_ENV_PROXY": "1",
@@ -85,6 +125,8 @@ def guest_environment(cfg: NetConfig, settings: Settings) -> dict[str, str]:
             "GIT_SSL_CAINFO": BUNDLE}
     secrets = settings.secrets()
     env |= {name: proxy.placeholder(name) for name in secrets}
+    if tokens is not None:
+        env[honey.ENV_TOKEN] = tokens[honey.ENV_TOKEN]
     if "GITHUB_TOKEN" in secrets:
         env["GH_TOKEN"] = proxy.placeholder("GITHUB_TOKEN")
     return env
@@ -96,7 +138,7 @@ def apt_proxy(cfg: NetConfig) -> str:
     return f'Acquire::http::Proxy "{url}";\nAcquire::https::Proxy "{url}";\n'
 
 
-_HOST = re.compile(r"^(\*\.)?[a-z0-9]([a-z0-9-]*[a-z0-9])?(\.[a-z0-9]([a-z0-9-]*[a-z0-9])?)*$")
+_HOST = re.compile(r"^(\*\.)?[a-z0-9]([a-z0-9-]*[a-z0-9])?(\.[a-z0-9]([a-z0-9-]*[a-z0-9])?)*(:[0-9]{1,5})?$")
 
 
 def lists(inst: Instance) -> tuple[list[str], list[str]]:
@@ -114,7 +156,7 @@ def change(inst: Instance, host: str, verdict: str) -> tuple[list[str], list[str
     """Allow or deny `host` (or `*.suffix`); the running proxy picks it up at its next request."""
     host = host.strip().lower()
     if not _HOST.match(host):
-        raise UsageError(f"{host!r} is not a host name or *.domain pattern")
+        raise UsageError(f"{host!r} is not a host name or *.domain pattern (optionally :port)")
     allow, deny = lists(inst)
     allow = [h for h in allow if h != host] + ([host] if verdict == "allow" else [])
     deny = [h for h in deny if h != host] + ([host] if verdict == "deny" else [])

@@ -200,9 +200,10 @@ def _config_drive(inst: Instance, spec: Spec, cfg: net.NetConfig, user_key: str,
         "mounts": mounts,
     }
     if spec.network == "proxy":
-        data["environment"] |= proxy_up.guest_environment(cfg, settings)
+        data["environment"] |= proxy_up.guest_environment(cfg, settings, proxy_up.honeytokens(inst))
         data["ca_certificates"] = [proxy_up.configure(inst, cfg, settings)]
         data["apt_proxy"] = proxy_up.apt_proxy(cfg)
+        data["files"] = proxy_up.guest_files(inst, settings)  # decoy credentials the proxy watches for
     with tempfile.TemporaryDirectory() as tmp:
         Path(tmp, "config.json").write_text(json.dumps(data, indent=2))
         Path(tmp, "config.json").chmod(0o600)
@@ -351,6 +352,7 @@ class Row:
     vmm: str
     workspace: str
     address: str
+    alerts: int = 0  # honeytoken alerts (proxy mode)
 
 
 def ps() -> list[Row]:
@@ -360,7 +362,11 @@ def ps() -> list[Row]:
             spec = inst.load()
             st = status(inst)
             addr = json.loads(spec.extra["net"])["guest_ip"] if "net" in spec.extra else ""
-            rows.append(Row(inst.name, st.state.value, st.reason, spec.vmm, spec.workspace, addr))
+            count, paused = proxy_up.alerts(inst) if spec.network == "proxy" else (0, False)
+            state, reason = st.state.value, st.reason
+            if paused and state == "running":
+                state, reason = "paused", "paused by a honeytoken alert (ai policy log shows it)"
+            rows.append(Row(inst.name, state, reason, spec.vmm, spec.workspace, addr, count))
         except (SandboxError, OSError, ValueError, KeyError) as e:
             rows.append(Row(inst.name, "broken", str(e), "?", "?", ""))
     return rows

@@ -95,10 +95,11 @@ def ps(as_json: Annotated[bool, typer.Option("--json")] = False) -> None:
     if as_json:
         ui.out.print_json(json.dumps([asdict(r) for r in rows]))
         return
-    table = Table("NAME", "STATUS", "VMM", "WORKSPACE", "ADDRESS", box=None)
+    table = Table("NAME", "STATUS", "VMM", "WORKSPACE", "ADDRESS", "ALERTS", box=None)
     for r in rows:
-        st = r.status + (f" ({r.reason})" if r.reason else "")
-        table.add_row(r.name, st, r.vmm, r.workspace, r.address)
+        st = ui.safe_text(r.status + (f" ({r.reason})" if r.reason else ""))
+        alerts = f"[bold red]{r.alerts} honeytoken[/]" if r.alerts else ""
+        table.add_row(r.name, st, r.vmm, ui.safe_text(r.workspace), r.address, alerts)
     ui.out.print(table)
 
 

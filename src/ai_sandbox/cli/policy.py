@@ -47,17 +47,21 @@ def deny(host: Annotated[str, typer.Argument(help="host or *.domain")], name: Na
 
 @policy_app.command()
 def log(name: NameArg = None, as_json: Annotated[bool, typer.Option("--json")] = False) -> None:
-    """Every request the proxy allowed or refused: time, host, verdict."""
+    """Every request the proxy allowed or refused, and honeytoken alerts: time, host, verdict."""
     path = sandbox.existing(name).path(Files.PROXY_LOG)
-    entries = proxy.read_log(Path(path)) if path.exists() else []
+    entries = proxy.read_log(Path(path))
     if as_json:
         ui.out.print_json(json.dumps(entries))
         return
     table = Table("TIME", "METHOD", "HOST", "PORT", "VERDICT", "REASON", box=None)
+    colours = {"allow": "green", "deny": "red", "alert": "bold white on red"}
     for e in entries:
-        colour = "green" if e.get("verdict") == "allow" else "red"
-        table.add_row(str(e.get("time", "")), str(e.get("method", "")), str(e.get("host", "")), str(e.get("port", "")),
-                      f"[{colour}]{e.get('verdict', '')}[/]", str(e.get("reason", "")))
+        verdict = ui.safe_text(str(e.get("verdict", "")), 16)
+        colour = colours.get(str(e.get("verdict")), "red")
+        # Host, method and reason come from what the guest sent: printed literally, never as markup.
+        table.add_row(ui.safe_text(str(e.get("time", "")), 40), ui.safe_text(str(e.get("method", "")), 32),
+                      ui.safe_text(str(e.get("host", "")), 255), ui.safe_text(str(e.get("port", "")), 8),
+                      f"[{colour}]{verdict}[/]", ui.safe_text(str(e.get("reason", "")), 200))  # fmt: skip
     ui.out.print(table)
 
 
