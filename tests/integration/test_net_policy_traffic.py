@@ -24,6 +24,7 @@ pytestmark = pytest.mark.integration
 
 POOL = net.DEFAULT_POOL
 PRIVATE = {"10/8": "10.99.0.10", "172.16/12": "172.16.5.10", "192.168/16": "192.168.77.10", "100.64/10": "100.64.1.10"}
+METADATA = {"azure": "168.63.129.16", "alibaba": "100.100.100.200"}  # besides 169.254.169.254
 ALLOWED_HOST = "10.99.0.20"  # EGRESS_ALLOW_IP in every test below, with EGRESS_ALLOW_TCP_PORTS=5432
 INET6, GATEWAY6, GUEST6 = "fd00:1::10", "fd00::1", "fd00::2"
 INTERNET_SERVICES = ("tcp:22", "tcp:53", "tcp:80", "tcp:443", "tcp:5432", "tcp:6000", "udp:53")
@@ -37,9 +38,10 @@ TABLE = [
     ("internet tcp/5432 (allowed port, other ip)", "tcp", "INET", 5432, 0, 0, 0, 1),
     ("internet dns udp/53", "udp", "INET", 53, 1, 0, 0, 1),
     ("internet dns tcp/53", "tcp", "INET", 53, 1, 0, 0, 1),
-    *[(f"private {r} tcp/80", "tcp", ip, 80, 0, 0, 0, 1) for r, ip in PRIVATE.items()],
+    *[(f"private {r} tcp/80", "tcp", ip, 80, 0, 0, 0, int(r != "100.64/10")) for r, ip in PRIVATE.items()],
     ("private 10/8 dns udp/53", "udp", PRIVATE["10/8"], 53, 0, 0, 0, 1),
     ("metadata 169.254.169.254 tcp/80", "tcp", "METADATA", 80, 0, 0, 0, 0),
+    *[(f"metadata {ip} ({cloud}) tcp/80", "tcp", ip, 80, 0, 0, 0, 0) for cloud, ip in METADATA.items()],
     ("allowed host tcp/5432", "tcp", ALLOWED_HOST, 5432, 1, 1, 0, 1),
     ("allowed host tcp/6000 (port not allowed)", "tcp", ALLOWED_HOST, 6000, 0, 0, 0, 1),
     ("allowed host tcp/80", "tcp", ALLOWED_HOST, 80, 0, 0, 0, 1),  # web port, but a private address
@@ -49,6 +51,7 @@ TABLE = [
     ("gateway tcp/4713 (pulseaudio)", "tcp", "GW", 4713, 1, 1, 0, 0),
     ("gateway tcp/3128 (proxy)", "tcp", "GW", 3128, 0, 1, 0, 0),
     ("gateway dns udp/53", "udp", "GW", 53, 0, 0, 0, 0),
+    ("gateway icmp echo", "icmp", "GW", 0, 1, 1, 0, 1),
     ("other sandbox's guest tcp/80", "tcp", "OTHER_GUEST", 80, 0, 0, 0, 0),
     ("other sandbox's gateway tcp/11434", "tcp", "OTHER_GW", 11434, 0, 0, 0, 0),
     ("host's uplink address tcp/11434", "tcp", "UPLINK", 11434, 0, 0, 0, 0),
@@ -95,10 +98,27 @@ _PROBE = r"""
 import json, socket, sys, time
 from concurrent.futures import ThreadPoolExecutor
 attempts, timeout = json.loads(sys.argv[1]), float(sys.argv[2])
+def ping(ip, timeout):  # raw ICMP echo (we are root in the namespace); the answer is the replying address
+    with socket.socket(socket.AF_INET, socket.SOCK_RAW, socket.IPPROTO_ICMP) as s:
+        ident = int(time.time() * 1000) & 0xFFFF
+        body = bytes([8, 0, 0, 0]) + ident.to_bytes(2, "big") + b"\x00\x01" + b"aisb"
+        total = sum(int.from_bytes(body[i:i + 2], "big") for i in range(0, len(body), 2))
+        total = (total >> 16) + (total & 0xFFFF)
+        csum = ~(total + (total >> 16)) & 0xFFFF
+        s.sendto(body[:2] + csum.to_bytes(2, "big") + body[4:], (ip, 0))
+        end = time.monotonic() + timeout
+        while time.monotonic() < end:
+            s.settimeout(max(0.01, end - time.monotonic()))
+            data, peer = s.recvfrom(256)
+            icmp = data[(data[0] & 0x0F) * 4:]
+            if peer[0] == ip and icmp[0] == 0 and icmp[4:6] == ident.to_bytes(2, "big"):
+                return peer[0]
 def one(a):
     proto, ip, port, src = a
     family = socket.AF_INET6 if ":" in ip else socket.AF_INET
     try:
+        if proto == "icmp":
+            return ping(ip, timeout)
         if proto == "tcp":
             with socket.create_connection((ip, port), timeout, (src, 0) if src else None) as c:
                 return c.recv(64).decode().strip() or None
@@ -139,6 +159,7 @@ class World:
     a: net.NetConfig
     b: net.NetConfig
     guest: Netns  # alpha's guest, the one that tries everything
+    other: Netns  # beta's guest, on beta's TAP
     names: dict[str, str]
 
     def attempt(self, labels: list[str] | None = None, source: str = "") -> dict[str, str | None]:
@@ -151,7 +172,7 @@ class World:
 def build(topo: FakeInternet, guests, p: policy.EgressPolicy) -> World:
     """Two sandboxes under policy `p`, a guest on each, servers everywhere, an IPv6 path from alpha's guest."""
     host, inet = topo.host, topo.internet
-    for ip in (*PRIVATE.values(), ALLOWED_HOST):
+    for ip in (*PRIVATE.values(), *METADATA.values(), ALLOWED_HOST):
         inet.ip("addr", "add", f"{ip}/32", "dev", "lo")
     # IPv6 both ways without NAT: the firewall is the only thing that could stop it.
     inet.ip("-6", "addr", "add", f"{INET6}/128", "dev", "lo")
@@ -164,7 +185,8 @@ def build(topo: FakeInternet, guests, p: policy.EgressPolicy) -> World:
     a = net.plan("alpha", set(), POOL)
     b = net.plan("beta", {a.subnet}, POOL)
     for name, cfg in (("alpha", a), ("beta", b)):
-        net.up(name, cfg, policy.host_ports(p), uplink=topo.uplink, egress=policy.egress_rules(p))
+        net.up(name, cfg, policy.host_ports(p), uplink=topo.uplink, egress=policy.egress_rules(p),
+               gateway_icmp=policy.gateway_icmp(p))
     guest, other = guests(a), guests(b)
     # up() turns IPv6 off on the TAP; turn it back on, so only the firewall stands between the guest and IPv6.
     Path(f"/proc/sys/net/ipv6/conf/{a.tap}/disable_ipv6").write_text("0\n")
@@ -183,7 +205,7 @@ def build(topo: FakeInternet, guests, p: policy.EgressPolicy) -> World:
         "OTHER_GW": str(b.host_ip),
         "UPLINK": topo.uplink_ip,
     }
-    return World(topo, a, b, guest, names)
+    return World(topo, a, b, guest, other, names)
 
 
 def _policy(mode: str, allow_ip: str = ALLOWED_HOST, ports: str = "5432") -> policy.EgressPolicy:
@@ -224,8 +246,9 @@ def test_what_a_guest_can_reach(sandbox_host, guests, mode):
     assert {label: answer is not None for label, answer in seen.items()} == want
     forwarded = [v for k, v in seen.items() if v and not k.startswith(("gateway", "other", "host", "ipv6"))]
     assert set(forwarded) <= {sandbox_host.uplink_ip}  # whatever gets out, gets out masqueraded
-    gateway = [v for k, v in seen.items() if v and k.startswith("gateway")]
-    assert set(gateway) <= {str(world.a.guest_ip)}
+    gateway = [v for k, v in seen.items() if v and k.startswith("gateway") and "icmp" not in k]
+    assert set(gateway) <= {str(world.a.guest_ip)}  # our servers answer with the client's address
+    assert seen["gateway icmp echo"] in (None, str(world.a.host_ip))  # a ping, with the replier's
 
     net.down("alpha")
     net.down("beta")
@@ -281,6 +304,22 @@ def test_a_forged_mac_gets_nowhere(sandbox_host, guests):
     _without_our_firewall(sandbox_host)
     forge()
     assert all(world.attempt(SPOOF_TARGETS).values())
+
+
+def test_only_the_sandboxs_own_tap_reaches_its_gateway_services(sandbox_host, guests):
+    # The proxy on a gateway injects its owner's real keys: a host process (arriving on lo) or another sandbox
+    # must not get through to it, nor to Ollama/PulseAudio there. Other ports of the host stay as they were.
+    world = build(sandbox_host, guests, _policy("proxy"))
+    gw = str(world.a.host_ip)
+    services = [("tcp", gw, port, "") for port in policy.host_ports(_policy("proxy"))]
+    control = [("tcp", gw, 8080, "")]  # not a gateway service: the host reaches its own address as ever
+    assert probe(world.guest, services) == [str(world.a.guest_ip)] * len(services)  # the sandbox itself: yes
+    assert probe(sandbox_host.host, services + control, timeout=1) == [None] * len(services) + [gw]
+    assert probe(world.other, services, timeout=1) == [None] * len(services)  # beta, from its own TAP
+    # The control: without our table both reach alpha's proxy, so the refusals above are the firewall's doing.
+    _without_our_firewall(sandbox_host)
+    assert None not in probe(sandbox_host.host, services)
+    assert None not in probe(world.other, services)
 
 
 def test_the_policy_is_one_transaction(sandbox_host, monkeypatch):

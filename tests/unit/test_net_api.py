@@ -17,6 +17,7 @@ def test_public_api_is_small():
         "DEFAULT_POOL",
         "POOL_ENV",
         "NetConfig",
+        "parse_pool",
         "plan",
         "pool_from_env",
         "up",

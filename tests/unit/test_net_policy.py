@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import json
+from ipaddress import IPv4Network, ip_address
 from typing import Any
 
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
 from ai_sandbox.errors import UsageError
 from ai_sandbox.net import plan, policy, rules
@@ -110,7 +113,9 @@ def _chain(doc: dict[str, Any], chain: str) -> list[list[dict[str, Any]]]:
 @pytest.mark.parametrize("mode", policy.MODES)
 def test_in_the_ruleset_the_guards_come_first_and_a_drop_last(mode):
     p = policy.parse(mode, "10.99.0.20", "5432")
-    doc = rules.render_up("alpha", A, "uplink0", policy.host_ports(p), policy.egress_rules(p))
+    doc = rules.render_up(
+        "alpha", A, "uplink0", policy.host_ports(p), policy.egress_rules(p), gateway_icmp=policy.gateway_icmp(p)
+    )
     sid = sandbox_id("alpha")
     fwd, inp = text(_chain(doc, f"sb_{sid}")), text(_chain(doc, f"in_{sid}"))
     guards = [
@@ -119,13 +124,17 @@ def test_in_the_ruleset_the_guards_come_first_and_a_drop_last(mode):
         f"ip saddr != {A.guest_ip} drop",
     ]
     assert fwd[:3] == guards and inp[:3] == guards
-    assert fwd[3:6] == ["ip daddr 169.254.0.0/16 drop", "ip daddr 10.213.0.0/16 drop", "oifname != uplink0 drop"]
+    metadata = "ip daddr { 169.254.0.0/16, 100.64.0.0/10, 168.63.129.16 } drop"
+    assert fwd[3:6] == [metadata, "ip daddr 10.213.0.0/16 drop", "oifname != uplink0 drop"]
     assert fwd[6:] == [*text(policy.egress_rules(p)), "drop"]
     assert inp[3] == f"ip daddr != {A.host_ip} drop"
     assert inp[-1] == "drop"
     ports = policy.host_ports(p)
     assert any("tcp dport" in r for r in inp) == bool(ports)
     assert not any("udp" in r for r in inp)  # no UDP service on the gateway in any mode (no DNS)
+    assert ("l4proto icmp accept" in inp) == (mode != "offline")  # offline: not even a ping to the gateway
+    gw = text(_chain(doc, f"gw_{sid}"))
+    assert gw == ([f"iifname != {A.tap} tcp dport {{ {', '.join(map(str, ports))} }} drop"] if ports else [])
 
 
 def test_the_whole_ruleset_is_one_transaction():
@@ -145,6 +154,12 @@ def test_the_whole_ruleset_is_one_transaction():
         ("open", "169.254.169.254", "80", "EGRESS_ALLOW_IP"),
         ("open", "127.0.0.1", "80", "EGRESS_ALLOW_IP"),
         ("open", "224.0.0.1", "80", "EGRESS_ALLOW_IP"),
+        ("open", "0.0.0.0/0", "22", "EGRESS_ALLOW_IP"),  # overlaps everything forbidden
+        ("proxy", "0.0.0.0/0", "1", "EGRESS_ALLOW_IP"),
+        ("open", "128.0.0.0/1", "22", "EGRESS_ALLOW_IP"),  # holds link-local, multicast, reserved
+        ("open", "168.63.129.16", "80", "EGRESS_ALLOW_IP"),  # Azure's wire server
+        ("open", "100.100.100.200", "80", "EGRESS_ALLOW_IP"),  # Alibaba's metadata service
+        ("open", "100.0.0.0/8", "80", "EGRESS_ALLOW_IP"),  # overlaps carrier-grade NAT
         ("open", "10.0.0.1", "", "EGRESS_ALLOW_TCP_PORTS"),
         ("open", "10.0.0.1", "0", "EGRESS_ALLOW_TCP_PORTS"),
         ("open", "10.0.0.1", "65536", "EGRESS_ALLOW_TCP_PORTS"),
@@ -171,10 +186,77 @@ def test_ports_without_an_ip_allow_nothing():
     assert p.allowance is None and policy.egress_rules(p) == ()
 
 
-def test_a_wide_allowance_is_accepted_but_the_guards_still_win():
-    # 0.0.0.0/0 on port 22 is a legitimate wish; the pool and link-local stay closed by the guards before it.
-    p = policy.parse("open", "0.0.0.0/0", "22")
-    assert text(policy.egress_rules(p))[0] == "ip daddr 0.0.0.0/0 tcp dport 22 accept"
+def test_a_wide_allowance_is_refused_whole_a_narrow_private_one_accepted():
+    # Before, only networks *inside* a forbidden range were refused, so 0.0.0.0/0 (written by a guest) passed.
+    with pytest.raises(UsageError, match=r"overlaps 0\.0\.0\.0/8"):
+        policy.parse("open", "0.0.0.0/0", "22")
+    with pytest.raises(UsageError, match="is loopback"):
+        policy.parse("open", "127.0.0.0/8", "22")
+    p = policy.parse("open", "8.0.0.0/7", "22")  # public and wide: the user's own trusted choice
+    assert text(policy.egress_rules(p))[0] == "ip daddr 8.0.0.0/7 tcp dport 22 accept"
+
+
+# Any IPv4 network string the parser is given: it either refuses it in one line or returns a network that touches
+# nothing a sandbox may never reach.
+_networks = st.builds(
+    lambda a, n: str(IPv4Network((a, n), strict=False)), st.integers(0, 2**32 - 1), st.integers(0, 32)
+)
+_texts = st.one_of(_networks, st.text(max_size=40), st.from_regex(r"\A[0-9./:a-f ]{0,24}\Z"))
+
+
+@given(_texts)
+def test_the_network_parser_never_lets_a_forbidden_range_through(raw):
+    try:
+        p = policy.parse("open", raw, "22")
+    except UsageError as e:
+        assert "\n" not in e.line() and e.line().startswith("EGRESS_ALLOW_IP=")
+        return
+    if not p.allow_ip:
+        assert not raw.strip()
+        return
+    net = IPv4Network(p.allow_ip)
+    for bad in ("0.0.0.0/8", "127.0.0.0/8", "169.254.0.0/16", "100.64.0.0/10", "168.63.129.16/32", "224.0.0.0/4"):
+        assert not net.overlaps(IPv4Network(bad)), (raw, bad)
+
+
+@pytest.mark.parametrize(
+    ("address", "public"),
+    [
+        ("8.8.8.8", True),
+        ("2606:4700::1111", True),
+        ("10.0.0.1", False),
+        ("192.0.2.1", False),  # documentation
+        ("100.64.0.1", False),
+        ("100.100.100.200", False),  # Alibaba metadata
+        ("168.63.129.16", False),  # Azure wire server: is_global in Python, still not for a guest
+        ("169.254.169.254", False),
+        ("224.0.0.1", False),
+        ("64:ff9b::a00:1", False),  # NAT64 of 10.0.0.1
+        ("64:ff9b::808:808", False),  # NAT64 even of a public address: the translator decides where it goes
+        ("2002:a00:1::1", False),  # 6to4 of 10.0.0.1
+        ("::10.0.0.1", False),  # IPv4-compatible
+        ("::ffff:10.0.0.1", False),  # IPv4-mapped
+        ("::ffff:8.8.8.8", False),  # mapped: callers unwrap first if they mean the IPv4 address
+        ("fec0::1", False),  # site-local
+        ("2001:0:a00:1::1", False),  # Teredo
+        ("fd00::1", False),
+        ("ff02::1", False),
+        ("::1", False),
+    ],
+)
+def test_is_public(address, public):
+    assert policy.is_public(address) is public
+    assert policy.is_public(ip_address(address)) is public
+
+
+@given(st.integers(0, 2**32 - 1))
+def test_no_ipv4_address_is_public_through_an_ipv6_wrapping(n):
+    v4 = ip_address(n)
+    for wrapped in (f"64:ff9b::{v4}", f"::ffff:{v4}", f"::{v4}", f"2002:{n >> 16:x}:{n & 0xFFFF:x}::1"):
+        assert not policy.is_public(wrapped)
+    assert policy.is_public(v4) == (v4.is_global and not v4.is_multicast and not any(
+        v4 in IPv4Network(m) for m in ("100.64.0.0/10", "168.63.129.16/32", "169.254.0.0/16")
+    ))
 
 
 @pytest.mark.parametrize("bad", [{"mode": "vpn"}, {"proxy_port": 0}, {"gateway_ports": (70000,)}, {"allow_ip": "x"}])

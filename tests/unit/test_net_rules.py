@@ -141,7 +141,7 @@ def test_objects_of_finds_chains_rules_and_elements():
     nft = FakeNft()
     _up(nft, "alpha", A)
     kinds = [next(iter(o)) for o in rules.objects_of(nft.listing(), sandbox_id("alpha"))]
-    assert kinds.count("chain") == 3 and kinds.count("element") == 3 and kinds.count("rule") > 10
+    assert kinds.count("chain") == 4 and kinds.count("element") == 4 and kinds.count("rule") > 10
 
 
 def test_elements_with_options_are_understood():

@@ -1,6 +1,6 @@
 """The host side of a sandbox's network: a TAP with its own small subnet, NAT to the uplink, isolation.
 
-    cfg = net.plan(name, used_subnets, net.pool_from_env())   # pure; the caller persists cfg.to_dict()
+    cfg = net.plan(name, used_subnets, net.parse_pool(settings.net_pool))   # pure; the caller persists cfg
     net.up(name, cfg, allow_host_ports=(proxy_port,))         # TAP + firewall, all or nothing
     net.down(name)                                            # idempotent: no TAP, no rule left
     net.reconcile(live_names)                                 # clears what crashed sandboxes left behind
@@ -22,11 +22,23 @@ from typing import Any
 
 from ai_sandbox.errors import SandboxError, UsageError
 from ai_sandbox.net import rules, tap
-from ai_sandbox.net.pool import DEFAULT_POOL, ID_LEN, POOL_ENV, TAP_PREFIX, NetConfig, plan, pool_from_env
+from ai_sandbox.net.pool import (
+    DEFAULT_POOL,
+    ID_LEN,
+    POOL_ENV,
+    TAP_PREFIX,
+    NetConfig,
+    parse_pool,
+    plan,
+    pool_from_env,
+)
 from ai_sandbox.net.pool import sandbox_id as _sandbox_id
 from ai_sandbox.net.pool import tap_name as _tap_name
 
-__all__ = ["DEFAULT_POOL", "POOL_ENV", "NetConfig", "plan", "pool_from_env", "up", "down", "reconcile", "rules_of"]
+__all__ = [
+    "DEFAULT_POOL", "POOL_ENV", "NetConfig", "parse_pool", "plan", "pool_from_env", "up", "down", "reconcile",
+    "rules_of",
+]  # fmt: skip
 
 log = logging.getLogger(__name__)
 LOCK_ENV = "AI_SANDBOX_NET_LOCK"
@@ -65,6 +77,7 @@ def up(
     owner_uid: int | None = None,
     uplink: str | None = None,
     egress: Sequence[rules.Rule] = rules.NAT_EGRESS,
+    gateway_icmp: bool = True,
 ) -> str | None:
     """Create the sandbox's TAP and firewall rules; on any failure nothing of this sandbox is left.
 
@@ -74,6 +87,8 @@ def up(
     `allow_host_ports`: TCP ports the guest may reach on its gateway address (e.g. the proxy).
     `owner_uid`: user allowed to open the TAP (an unprivileged VMM). `uplink`: default-route interface if None.
     `egress`: the rules of the egress mode after the fixed guards (default: mode "nat", allow all).
+    `gateway_icmp`: may the guest ping its gateway. Only the sandbox's own TAP reaches `allow_host_ports` on
+    its gateway address: not the host's own processes, not another sandbox.
     """
     if cfg.tap != _tap_name(name):
         raise UsageError(f"network config of {name!r} names TAP {cfg.tap}, expected {_tap_name(name)}")
@@ -92,7 +107,8 @@ def up(
         tap.enable_ip_forward()
         try:
             tap.create_tap(cfg.tap, IPv4Interface(f"{cfg.host_ip}/{cfg.prefix}"), owner_uid)
-            rules.apply(rules.render_up(name, cfg, out, allow_host_ports, egress, rules.list_table()), "install")
+            doc = rules.render_up(name, cfg, out, allow_host_ports, egress, rules.list_table(), gateway_icmp)
+            rules.apply(doc, "install")
         except BaseException:
             try:
                 _teardown({_sandbox_id(name)})

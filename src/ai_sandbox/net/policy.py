@@ -6,19 +6,26 @@
     nat      everything the fixed guards let through (the lifecycle tests' mode)
     open     the seed's rules: DNS, HTTP and HTTPS to the internet; private, link-local, loopback, multicast and
              reserved ranges dropped; on the gateway only Ollama and PulseAudio
-    proxy    (default) nothing is forwarded, DNS included; the gateway offers the host proxy, Ollama, PulseAudio
-    offline  nothing forwarded, no gateway port (the host's own SSH into the guest still works)
+    proxy    (default) nothing is forwarded but EGRESS_ALLOW_IP, DNS included; the gateway offers the host proxy,
+             Ollama, PulseAudio
+    offline  nothing forwarded, no gateway port, no ping to the gateway (the host's own SSH into the guest works)
 
 EGRESS_ALLOW_IP with EGRESS_ALLOW_TCP_PORTS opens those TCP ports to that IP or CIDR in `open` (ahead of the
 private-range drops, so it may be private) and in `proxy` (the seed's one way to reach e.g. a LAN database, which
-an HTTP proxy cannot carry); `offline` ignores it. The fixed guards of `rules` come first in every mode, so no
-policy reaches another sandbox, the metadata service, IPv6 or anything with a forged source.
+an HTTP proxy cannot carry); `offline` ignores it. It comes only from settings the guest cannot write (`config`),
+and a network overlapping any range a sandbox may never reach is refused whole (so 0.0.0.0/0 is). The fixed guards
+of `rules` come first in every mode, so no policy reaches another sandbox, a cloud metadata service, IPv6 or
+anything with a forged source.
+
+`is_public` is the one answer to "is this address on the public internet" for the host side (the proxy asks it
+before it connects): IPv4 embedded in IPv6 (NAT64, 6to4, IPv4-compatible/-mapped/-translated, Teredo) and the cloud
+metadata addresses are not public.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from ipaddress import IPv4Network
+from ipaddress import IPv4Address, IPv4Network, IPv6Address, IPv6Network, ip_address
 from typing import Any
 
 from ai_sandbox.errors import UsageError
@@ -49,14 +56,43 @@ BLOCKED = tuple(
         "240.0.0.0/4",
     )
 )
-# What EGRESS_ALLOW_IP may not name: nothing a guest could usefully reach there, and the metadata service.
+# What EGRESS_ALLOW_IP may not overlap: nothing a guest could usefully reach there, and the metadata services.
 _UNALLOWABLE = {
     "this-network": IPv4Network("0.0.0.0/8"),
     "loopback": IPv4Network("127.0.0.0/8"),
     "link-local (home of the metadata service)": IPv4Network("169.254.0.0/16"),
+    "carrier-grade NAT (home of a metadata service)": IPv4Network("100.64.0.0/10"),
+    "a cloud metadata service": IPv4Network("168.63.129.16/32"),
     "multicast": IPv4Network("224.0.0.0/4"),
     "reserved": IPv4Network("240.0.0.0/4"),
 }
+# IPv6 prefixes that carry an IPv4 address (the packet may end at any IPv4 host, private ones included) or are
+# not routed on the internet; Python's `is_global` calls several of them global.
+_V6_NOT_PUBLIC = tuple(
+    IPv6Network(n)
+    for n in (
+        "::/96",  # IPv4-compatible (deprecated)
+        "::ffff:0:0/96",  # IPv4-mapped
+        "::ffff:0:0:0/96",  # IPv4-translated (SIIT)
+        "64:ff9b::/96",  # NAT64 well-known prefix
+        "64:ff9b:1::/48",  # NAT64 local use
+        "2001::/32",  # Teredo
+        "2002::/16",  # 6to4
+        "fec0::/10",  # site-local (deprecated)
+    )
+)
+_METADATA = tuple(IPv4Network(n) for n in ("169.254.0.0/16", "100.64.0.0/10", "168.63.129.16/32"))
+
+
+def is_public(addr: str | IPv4Address | IPv6Address) -> bool:
+    """Is `addr` an ordinary unicast address of the public internet? (No private, shared, loopback, link-local,
+    multicast, reserved or documentation range, no cloud metadata address, no IPv6 form that embeds IPv4.)"""
+    ip = ip_address(addr) if isinstance(addr, str) else addr
+    if not ip.is_global or ip.is_multicast:
+        return False
+    if isinstance(ip, IPv6Address):
+        return not any(ip in n for n in _V6_NOT_PUBLIC)
+    return not any(ip in n for n in (*_METADATA, *BLOCKED))
 
 
 @dataclass(frozen=True)
@@ -112,8 +148,12 @@ def _allow_network(text: str) -> IPv4Network:
         hint = "sandboxes have no IPv6" if ":" in text else "e.g. 192.168.1.50 or 10.20.0.0/16"
         raise UsageError(f"{ALLOW_IP_ENV}={text!r} is not an IPv4 address or network: {e}", hint=hint) from e
     for what, bad in _UNALLOWABLE.items():
-        if net.subnet_of(bad):
-            raise UsageError(f"{ALLOW_IP_ENV}={text} is {what}, which a sandbox may never reach")
+        if net.overlaps(bad):
+            inside = "is" if net.subnet_of(bad) else f"overlaps {bad},"
+            raise UsageError(
+                f"{ALLOW_IP_ENV}={text} {inside} {what}, which a sandbox may never reach",
+                hint="name only the host or network the sandbox needs, e.g. 192.168.1.50",
+            )
     return net
 
 
@@ -128,10 +168,6 @@ def _ports(text: str) -> tuple[int, ...]:
     return tuple(sorted(ports))
 
 
-def _addr(net: IPv4Network) -> Any:
-    return str(net.network_address) if net.prefixlen == 32 else prefix(net)
-
-
 def _ports_expr(ports: tuple[int, ...]) -> Any:
     unique = sorted(set(ports))
     return unique[0] if len(unique) == 1 else {"set": unique}
@@ -144,7 +180,7 @@ def egress_rules(p: EgressPolicy) -> tuple[Rule, ...]:
     out: list[Rule] = []
     if p.allowance:
         net, ports = p.allowance
-        out.append((match(field("ip", "daddr"), _addr(net)), match(field("tcp", "dport"), _ports_expr(ports)), ACCEPT))
+        out.append((match(field("ip", "daddr"), rules.addr(net)), match(field("tcp", "dport"), _ports_expr(ports)), ACCEPT))
     if p.mode == "open":
         out += [
             (match(field("ip", "daddr"), {"set": [prefix(n) for n in BLOCKED]}), DROP),
@@ -162,13 +198,18 @@ def host_ports(p: EgressPolicy) -> tuple[int, ...]:
     return tuple(sorted(set(ports)))
 
 
+def gateway_icmp(p: EgressPolicy) -> bool:
+    """May the guest ping its gateway? Not offline: that mode answers nothing on the host side."""
+    return p.mode != "offline"
+
+
 def describe(p: EgressPolicy) -> str:
     """One line for people: what the guest can reach."""
     gw = ", ".join(map(str, host_ports(p))) or "none"
     text = {
         "nat": "everything but other sandboxes, link-local/metadata and IPv6",
         "open": "DNS, HTTP and HTTPS to the internet; no private ranges",
-        "proxy": f"only the host proxy (port {p.proxy_port}); nothing forwarded, no DNS",
+        "proxy": f"only the host proxy (port {p.proxy_port}); nothing else forwarded, no DNS",
         "offline": "nothing",
     }[p.mode]
     line = f"{p.mode}: {text}; gateway ports: {gw}"

@@ -7,18 +7,22 @@ Layout of `table inet ai_sandbox` (the only table we own):
                         iifname "aisb-*" drop                         a TAP without a policy forwards nothing
                         oifname "aisb-*" ct state established,related accept
                         oifname "aisb-*" drop                         nothing else enters a sandbox
-    input (hook)        iifname vmap @in_jump   ──► in_<id>           what the guest may reach on the host
+    input (hook)        ip daddr vmap @gw_jump  ──► gw_<id>           only its own TAP reaches a sandbox's gateway services
+                        iifname vmap @in_jump   ──► in_<id>           what the guest may reach on the host
                         iifname "aisb-*" drop
     postrouting (nat)   ip saddr vmap @nat_jump ──► nat_<id>          masquerade to the uplink
 
 The hook chains hold only fixed rules and are rewritten whole on every `up` (atomically, so never duplicated);
-each sandbox owns three regular chains plus one element in each map, all named from its id, so removing a
+each sandbox owns four regular chains plus one element in each map, all named from its id, so removing a
 sandbox is exact. Egress modes (`policy.py`) plug in as the body of `sb_<id>`: after the fixed guards come the
 mode's rules, then an explicit drop. Mode "nat" is a single accept.
 
 Both `sb_<id>` and `in_<id>` start by dropping IPv6 and anything not sent from the guest's own MAC and IPv4
-address: guest root can forge both, and nothing in the guest enforces anything. ARP is not filtered here; on a
-routed /30 the host resolves only the guest's own address on that TAP, so a forged ARP has nothing to take over.
+address: guest root can forge both, and nothing in the guest enforces anything. `gw_<id>` guards the other side
+of the gateway: the proxy and the other services listening there act for this sandbox's owner (the proxy injects
+real keys), so a host process (arriving on `lo`) or another sandbox must not reach them: only the sandbox's TAP
+may. ARP is not filtered here; on a routed /30 the host resolves only the guest's own address on that TAP, so a
+forged ARP has nothing to take over.
 """
 
 from __future__ import annotations
@@ -35,9 +39,11 @@ from ai_sandbox.runner import run
 
 FAMILY = "inet"
 TABLE = "ai_sandbox"
-FWD_MAP, IN_MAP, NAT_MAP = "fwd_jump", "in_jump", "nat_jump"
-CHAIN_PREFIXES = ("sb_", "in_", "nat_")
-METADATA = IPv4Network("169.254.0.0/16")  # link-local, home of the cloud metadata service 169.254.169.254
+FWD_MAP, IN_MAP, NAT_MAP, GW_MAP = "fwd_jump", "in_jump", "nat_jump", "gw_jump"
+CHAIN_PREFIXES = ("sb_", "in_", "nat_", "gw_")
+# Cloud metadata services, dropped in every mode: link-local 169.254.0.0/16 (AWS, GCP, Azure IMDS 169.254.169.254),
+# Azure's wire server 168.63.129.16, Alibaba's 100.100.100.200 inside carrier-grade NAT 100.64.0.0/10.
+METADATA = tuple(IPv4Network(n) for n in ("169.254.0.0/16", "100.64.0.0/10", "168.63.129.16/32"))
 WILDCARD = TAP_PREFIX + "*"
 DNS_PORT = 53  # a gateway port that is served on UDP too
 
@@ -72,9 +78,14 @@ def jump(chain: str) -> Expr:
     return {"jump": {"target": chain}}
 
 
-def chains_of(sid: str) -> tuple[str, str, str]:
-    """Forward, input and NAT chain of a sandbox id."""
-    return f"sb_{sid}", f"in_{sid}", f"nat_{sid}"
+def chains_of(sid: str) -> tuple[str, str, str, str]:
+    """Forward, input, NAT and gateway-guard chain of a sandbox id."""
+    return f"sb_{sid}", f"in_{sid}", f"nat_{sid}", f"gw_{sid}"
+
+
+def addr(net: IPv4Network) -> Any:
+    """A single address as itself, a network as a prefix."""
+    return str(net.network_address) if net.prefixlen == 32 else prefix(net)
 
 
 def _obj(**fields: Any) -> dict[str, Any]:
@@ -103,7 +114,7 @@ def _chain_reset(name: str, hook: dict[str, Any] | None = None) -> list[dict[str
 def base_commands() -> list[dict[str, Any]]:
     """Table, maps and hook chains with their fixed rules."""
     cmds: list[dict[str, Any]] = [{"add": {"table": {"family": FAMILY, "name": TABLE}}}]
-    for name, key in ((FWD_MAP, "ifname"), (IN_MAP, "ifname"), (NAT_MAP, "ipv4_addr")):
+    for name, key in ((FWD_MAP, "ifname"), (IN_MAP, "ifname"), (NAT_MAP, "ipv4_addr"), (GW_MAP, "ipv4_addr")):
         cmds.append({"add": {"map": _obj(name=name, type=key, map="verdict")}})
     # policy accept: these hooks see all of the host's traffic; we only judge packets of our own interfaces.
     filt = {"type": "filter", "prio": 0, "policy": "accept"}
@@ -117,6 +128,8 @@ def base_commands() -> list[dict[str, Any]]:
     ]
     cmds += _chain_reset("input", {"hook": "input", **filt})
     cmds += [
+        # Keyed by destination: connections from the host itself come in on `lo`, never on a sandbox's TAP.
+        _rule("input", [{"vmap": {"key": field("ip", "daddr"), "data": "@" + GW_MAP}}]),
         _rule("input", [{"vmap": {"key": meta("iifname"), "data": "@" + IN_MAP}}]),
         _rule("input", [match(meta("iifname"), WILDCARD), DROP], "sandbox without policy"),
     ]
@@ -136,10 +149,10 @@ def _not_the_guest(cfg: NetConfig) -> list[Rule]:
 
 
 def _guards(cfg: NetConfig) -> list[Rule]:
-    """What no egress mode may allow: IPv6, spoofed sources, link-local/metadata, the sandbox pool."""
+    """What no egress mode may allow: IPv6, spoofed sources, cloud metadata services, the sandbox pool."""
     return [
         *_not_the_guest(cfg),
-        [match(field("ip", "daddr"), prefix(METADATA)), DROP],
+        [match(field("ip", "daddr"), {"set": [addr(n) for n in METADATA]}), DROP],
         [match(field("ip", "daddr"), prefix(cfg.pool)), DROP],
     ]
 
@@ -149,14 +162,16 @@ def forward_rules(cfg: NetConfig, uplink: str, egress: Sequence[Rule]) -> list[R
     return [*_guards(cfg), [match(meta("oifname"), uplink, "!="), DROP], *egress, [DROP]]
 
 
-def input_rules(cfg: NetConfig, host_ports: Sequence[int]) -> list[Rule]:
-    """Body of in_<id>: the guest reaches only its own gateway address, with ICMP and the listed TCP ports."""
+def input_rules(cfg: NetConfig, host_ports: Sequence[int], icmp: bool = True) -> list[Rule]:
+    """Body of in_<id>: the guest reaches only its own gateway address, with ICMP (unless not `icmp`) and the
+    listed TCP ports."""
     rules: list[Rule] = [
         *_not_the_guest(cfg),
         [match(field("ip", "daddr"), str(cfg.host_ip), "!="), DROP],  # another sandbox's gateway, the uplink, ...
         [ESTABLISHED, ACCEPT],
-        [match(meta("l4proto"), "icmp"), ACCEPT],
     ]
+    if icmp:
+        rules.append([match(meta("l4proto"), "icmp"), ACCEPT])
     if host_ports:
         rules.append([match(field("tcp", "dport"), {"set": sorted(set(host_ports))}), ACCEPT])
     if DNS_PORT in host_ports:  # the host agent's DNS server answers on UDP as well
@@ -164,21 +179,38 @@ def input_rules(cfg: NetConfig, host_ports: Sequence[int]) -> list[Rule]:
     return [*rules, [DROP]]
 
 
+def gateway_rules(cfg: NetConfig, host_ports: Sequence[int]) -> list[Rule]:
+    """Body of gw_<id> (packets to the sandbox's gateway address from anywhere): its service ports refuse every
+    interface but the sandbox's TAP. The rest returns to the input chain, where the guest's own traffic goes on."""
+    if not host_ports:
+        return []
+    ports = sorted(set(host_ports))
+    return [[match(meta("iifname"), cfg.tap, "!="), match(field("tcp", "dport"), {"set": ports}), DROP]]
+
+
 def sandbox_commands(
-    name: str, cfg: NetConfig, uplink: str, host_ports: Sequence[int] = (), egress: Sequence[Rule] = NAT_EGRESS
+    name: str,
+    cfg: NetConfig,
+    uplink: str,
+    host_ports: Sequence[int] = (),
+    egress: Sequence[Rule] = NAT_EGRESS,
+    gateway_icmp: bool = True,
 ) -> list[dict[str, Any]]:
     """The chains and map elements of one sandbox."""
-    sb, inp, nat = chains_of(sandbox_id(name))
+    sb, inp, nat, gw = chains_of(sandbox_id(name))
     bodies = {
         sb: forward_rules(cfg, uplink, egress),
-        inp: input_rules(cfg, host_ports),
+        inp: input_rules(cfg, host_ports, gateway_icmp),
         nat: [[match(meta("oifname"), uplink), {"masquerade": None}]],
+        gw: gateway_rules(cfg, host_ports),
     }
     cmds: list[dict[str, Any]] = []
     for chain, rules in bodies.items():
         cmds += _chain_reset(chain)
         cmds += [_rule(chain, r, f"sandbox {name}" if i == 0 else None) for i, r in enumerate(rules)]
-    for map_name, key, target in ((FWD_MAP, cfg.tap, sb), (IN_MAP, cfg.tap, inp), (NAT_MAP, str(cfg.guest_ip), nat)):
+    elements = ((FWD_MAP, cfg.tap, sb), (IN_MAP, cfg.tap, inp), (NAT_MAP, str(cfg.guest_ip), nat),
+                (GW_MAP, str(cfg.host_ip), gw))
+    for map_name, key, target in elements:
         cmds.append({"add": {"element": _obj(name=map_name, elem=[[key, jump(target)]])}})
     return cmds
 
@@ -190,14 +222,15 @@ def render_up(
     host_ports: Sequence[int] = (),
     egress: Sequence[Rule] = NAT_EGRESS,
     listing: dict[str, Any] | None = None,
+    gateway_icmp: bool = True,
 ) -> dict[str, Any]:
-    """One transaction installing a sandbox; `listing` (the live table) lets it replace stale map elements."""
-    stale = [
-        _delete_element(m, key)
-        for m, key, _ in _elements(listing or {})
-        if (m, key) in {(FWD_MAP, cfg.tap), (IN_MAP, cfg.tap), (NAT_MAP, str(cfg.guest_ip))}
-    ]
-    return {"nftables": base_commands() + stale + sandbox_commands(name, cfg, uplink, host_ports, egress)}
+    """One transaction installing a sandbox; `listing` (the live table) lets it replace stale map elements.
+
+    `gateway_icmp`: may the guest ping its gateway (not in mode offline)."""
+    mine = {(FWD_MAP, cfg.tap), (IN_MAP, cfg.tap), (NAT_MAP, str(cfg.guest_ip)), (GW_MAP, str(cfg.host_ip))}
+    stale = [_delete_element(m, key) for m, key, _ in _elements(listing or {}) if (m, key) in mine]
+    body = sandbox_commands(name, cfg, uplink, host_ports, egress, gateway_icmp)
+    return {"nftables": base_commands() + stale + body}
 
 
 def render_down(listing: dict[str, Any], sids: set[str]) -> dict[str, Any] | None:
