@@ -1,12 +1,24 @@
-"""Settings: one validated object from CLI flags, then the environment, then ./.env, then defaults.
+"""Settings: one validated object from CLI flags, then the environment, then settings files, then defaults.
 
 The seed's variable names keep working (FC_VCPU, FC_MEM, FC_WORKSPACE_SIZE, the API keys, OLLAMA_HOST,
 EGRESS_ALLOW_*). A bad value is one line naming the variable and where it came from.
+
+Settings files are read only from places the guest cannot write, because they choose the image, the VMM and the
+egress policy and hold the real keys:
+
+    ./.env                                   the current directory's, when it is not a shared workspace (the seed's
+                                             layout: `ai` and `.env` beside the workspace); beats the next one
+    $XDG_CONFIG_HOME/ai-sandbox/config.env   the user's, when it does not lie inside a shared workspace
+
+A `.env` inside a shared workspace (the one a command starts, or any existing sandbox's) is never read; `Sources`
+names it so the CLI can say once where settings belong.
 """
 
 from __future__ import annotations
 
 import os
+from collections.abc import Iterable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
@@ -14,6 +26,7 @@ from dotenv import dotenv_values
 from pydantic import AliasChoices, Field, SecretStr, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from ai_sandbox import paths
 from ai_sandbox.errors import UsageError
 
 SECRET_NAMES = ("ANTHROPIC_API_KEY", "OPENAI_API_KEY", "GOOGLE_API_KEY", "GEMINI_API_KEY", "GITHUB_TOKEN")
@@ -24,7 +37,8 @@ def _host_memory_mib() -> int:
 
 
 class Settings(BaseSettings):
-    model_config = SettingsConfigDict(env_file=".env", extra="ignore", populate_by_name=True, frozen=True)
+    # No env_file here: `load` passes exactly the files `find_sources` judged safe.
+    model_config = SettingsConfigDict(env_file=None, extra="ignore", populate_by_name=True, frozen=True)
 
     vcpus: int = Field(default_factory=lambda: min(8, os.cpu_count() or 1), ge=1, validation_alias="FC_VCPU")
     memory_mib: int = Field(default_factory=lambda: min(8192, _host_memory_mib() // 2), ge=128,
@@ -35,6 +49,9 @@ class Settings(BaseSettings):
     share: Literal["auto", "virtiofs", "sftp", "copy"] = Field(default="auto", validation_alias="AI_SHARE")
     network: Literal["proxy", "open", "offline", "nat"] = Field(default="proxy", validation_alias="AI_NETWORK")
     net_pool: str = Field(default="10.213.0.0/16", validation_alias="AI_SANDBOX_NET_POOL")
+    cache_dir: str = Field(default="", validation_alias=paths.CACHE_ENV)
+    state_dir: str = Field(default="", validation_alias=paths.STATE_ENV)
+    data_dir: str = Field(default="", validation_alias=paths.DATA_ENV)
     ollama_host: str = Field(default="", validation_alias="OLLAMA_HOST")
     egress_allow_ip: str = Field(default="", validation_alias="EGRESS_ALLOW_IP")
     egress_allow_tcp_ports: str = Field(default="", validation_alias="EGRESS_ALLOW_TCP_PORTS")
@@ -78,24 +95,84 @@ class Settings(BaseSettings):
 
 _ALIASES = {name: (f.validation_alias if isinstance(f.validation_alias, str) else name.upper())
             for name, f in Settings.model_fields.items()}
+ENV_FILE = ".env"
 
 
-def _origin(var: str, flags: dict[str, Any], env_file: Path) -> str:
+@dataclass(frozen=True)
+class Sources:
+    """The settings files to read (lowest precedence first) and those found where the guest can write them."""
+
+    files: tuple[Path, ...] = ()
+    ignored: tuple[Path, ...] = ()
+
+    def notice(self) -> str | None:
+        """One line for people when a settings file was left unread, else None."""
+        if not self.ignored:
+            return None
+        names = ", ".join(map(str, self.ignored))
+        return (f"not reading {names}: the sandbox can write there; settings belong in {paths.config_file()}, "
+                f"the environment, or a {ENV_FILE} beside (not inside) the workspace")
+
+    def values(self) -> dict[str, str]:
+        """Every variable the files set, later files winning."""
+        out: dict[str, str] = {}
+        for f in self.files:
+            out |= {k: v for k, v in dotenv_values(f, interpolate=False).items() if v is not None}
+        return out
+
+    def path_values(self) -> dict[str, str]:
+        """AI_SANDBOX_CACHE/STATE/DATA as the files set them (for `paths.use`)."""
+        return {k: v for k, v in self.values().items() if k in paths.PATH_VARS}
+
+
+def _inside(path: Path, dirs: Iterable[Path]) -> bool:
+    real = path.resolve()  # follows links: a link out of a workspace is judged by where it points
+    return any(real == d or real.is_relative_to(d) for d in dirs)
+
+
+def find_sources(workspaces: Iterable[Path], cwd: Path | None = None) -> Sources:
+    """The settings files that lie outside every directory in `workspaces` (the shared, guest-writable ones).
+
+    ./.env counts only when the current directory is not a workspace nor inside one (and the file does not
+    point into one); the user's config file only when it does not lie in a workspace (e.g. one sharing $HOME).
+    """
+    guest = [w.resolve() for w in workspaces]
+    here = cwd or Path.cwd()
+    files: list[Path] = []
+    ignored: list[Path] = []
+    user = paths.config_file()
+    if user.is_file():
+        (ignored if _inside(user, guest) else files).append(user)
+    local = here / ENV_FILE
+    if local.is_file():
+        (ignored if _inside(here, guest) or _inside(local, guest) else files).append(local)
+    for w in guest:
+        inner = w / ENV_FILE
+        if inner.is_file() and inner.resolve() not in {i.resolve() for i in ignored}:
+            ignored.append(inner)
+    return Sources(tuple(files), tuple(ignored))
+
+
+def _origin(var: str, flags: dict[str, Any], files: tuple[Path, ...]) -> str:
     field = next((k for k, a in _ALIASES.items() if a == var), var)
     if field in flags:
         return "command line"
     if var in os.environ:
         return "environment"
-    if env_file.is_file() and var in dotenv_values(env_file):
-        return str(env_file)
+    for f in reversed(files):
+        if var in dotenv_values(f, interpolate=False):
+            return str(f)
     return "default"
 
 
-def load(flags: dict[str, Any] | None = None, env_file: Path = Path(".env")) -> Settings:
-    """Settings with CLI flags (None values dropped) over environment over .env over defaults."""
+def load(flags: dict[str, Any] | None = None, sources: Sources | None = None) -> Settings:
+    """Settings with CLI flags (None values dropped) over environment over settings files over defaults.
+
+    `sources`: from `find_sources`; by default the current directory is taken as the shared workspace."""
     given = {k: v for k, v in (flags or {}).items() if v is not None}
+    files = (sources if sources is not None else find_sources([Path.cwd()])).files
     try:
-        return Settings(_env_file=env_file if env_file.is_file() else None, **given)
+        return Settings(_env_file=tuple(files) or None, **given)
     except ValidationError as e:
         err = e.errors()[0]
         loc = err["loc"][0] if err["loc"] else ""
@@ -103,5 +180,5 @@ def load(flags: dict[str, Any] | None = None, env_file: Path = Path(".env")) -> 
         value = err.get("input")
         shown = "***" if var in SECRET_NAMES else value
         msg = err["msg"].removeprefix("Value error, ")
-        where = _origin(var, given, env_file)
+        where = _origin(var, given, files)
         raise UsageError(f"{var}={shown} (from {where}): {msg}") from None

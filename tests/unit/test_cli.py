@@ -29,11 +29,23 @@ def _one_error(res: subprocess.CompletedProcess[str]) -> str:
 
 
 def test_bad_setting_from_dotenv(tmp_path):
+    # The seed's layout: `.env` beside the workspace, not inside it.
     (tmp_path / ".env").write_text("FC_MEM=lots\n")
-    res = ai("start", "--detach", cwd=tmp_path)
+    (tmp_path / "ws").mkdir()
+    res = ai("start", "--detach", "--workspace", "ws", cwd=tmp_path, env={"XDG_CONFIG_HOME": str(tmp_path / "x")})
     assert res.returncode == 2
-    assert _one_error(res).startswith("error: FC_MEM=lots (from .env)")
+    assert _one_error(res).startswith(f"error: FC_MEM=lots (from {tmp_path / '.env'})")
     assert not (tmp_path / "state").exists()
+
+
+def test_a_dotenv_inside_the_workspace_is_not_read_and_named_once(tmp_path):
+    # If it were read, FC_VCPU (checked first) would be the error; it is --memory's, and one note says why.
+    (tmp_path / ".env").write_text("FC_VCPU=lots\nEGRESS_ALLOW_IP=0.0.0.0/0\n")
+    res = ai("start", "--detach", "--memory", "1", cwd=tmp_path, env={"XDG_CONFIG_HOME": str(tmp_path / "x")})
+    assert res.returncode == 2
+    assert _one_error(res).startswith("error: FC_MEM=1 (from command line)")
+    notes = [ln for ln in res.stderr.splitlines() if str(tmp_path / ".env") in ln]
+    assert len(notes) == 1 and "config.env" in notes[0] and notes[0].startswith("note:"), res.stderr
 
 
 def test_secret_value_never_echoed(tmp_path):

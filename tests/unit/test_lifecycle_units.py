@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from ai_sandbox import config, runner, state
+from ai_sandbox import config, paths, runner, state
 from ai_sandbox.errors import UsageError
 from ai_sandbox.session import ssh
 from ai_sandbox.vmm import qemu
@@ -18,32 +18,100 @@ pytestmark = pytest.mark.unit
 
 @pytest.fixture
 def clean_env(monkeypatch, tmp_path):
-    for k in ("FC_VCPU", "FC_MEM", "FC_WORKSPACE_SIZE", *config.SECRET_NAMES, "AI_VMM", "AI_IMAGE"):
+    for k in ("FC_VCPU", "FC_MEM", "FC_WORKSPACE_SIZE", *config.SECRET_NAMES, "AI_VMM", "AI_IMAGE", "AI_NETWORK",
+              "EGRESS_ALLOW_IP", "EGRESS_ALLOW_TCP_PORTS", "AI_SANDBOX_NET_POOL", *paths.PATH_VARS):
         monkeypatch.delenv(k, raising=False)
+    monkeypatch.setenv("XDG_CONFIG_HOME", str(tmp_path / "xdg"))
     monkeypatch.chdir(tmp_path)
     return tmp_path
 
 
+def _beside(root: Path) -> config.Sources:
+    """The seed's layout: `root` holds `.env`, the workspace is root/workspace."""
+    (root / "workspace").mkdir(exist_ok=True)
+    return config.find_sources([root / "workspace"], cwd=root)
+
+
 def test_seed_names_and_precedence(clean_env, monkeypatch):
     (clean_env / ".env").write_text("FC_VCPU=1\nFC_MEM=512\nANTHROPIC_API_KEY=sk-ant-from-dotenv\n")
-    s = config.load()
+    s = config.load(sources=_beside(clean_env))
     assert (s.vcpus, s.memory_mib) == (1, 512)
     assert s.secrets()["ANTHROPIC_API_KEY"] == "sk-ant-from-dotenv"
     monkeypatch.setenv("FC_MEM", "768")
-    assert config.load().memory_mib == 768  # environment beats .env
-    assert config.load({"memory_mib": 640}).memory_mib == 640  # flags beat the environment
+    assert config.load(sources=_beside(clean_env)).memory_mib == 768  # environment beats .env
+    assert config.load({"memory_mib": 640}, _beside(clean_env)).memory_mib == 640  # flags beat the environment
+
+
+def test_user_config_file_is_read_and_the_env_beside_the_workspace_beats_it(clean_env):
+    user = paths.config_file()
+    assert user == clean_env / "xdg" / "ai-sandbox" / "config.env"
+    user.parent.mkdir(parents=True)
+    user.write_text("FC_MEM=600\nFC_WORKSPACE_SIZE=64\n")
+    assert config.load(sources=config.find_sources([clean_env / "elsewhere"])).memory_mib == 600
+    (clean_env / ".env").write_text("FC_MEM=520\n")
+    s = config.load(sources=_beside(clean_env))
+    assert (s.memory_mib, s.workspace_size_mib) == (520, 64)
+
+
+HOSTILE = "EGRESS_ALLOW_IP=0.0.0.0/0\nEGRESS_ALLOW_TCP_PORTS=1-65535\nAI_IMAGE=/workspace/evil.toml\nAI_NETWORK=nat\n" \
+          "AI_VMM=qemu\nAI_SANDBOX_STATE=/tmp/elsewhere\nFC_MEM=lots\n"
+
+
+def test_a_env_inside_the_workspace_is_never_read_and_named_once(clean_env):
+    ws = clean_env / "proj"
+    (ws / "sub").mkdir(parents=True)
+    (ws / ".env").write_text(HOSTILE)
+    (ws / "sub" / ".env").write_text(HOSTILE)
+    for cwd in (ws, ws / "sub"):  # the workspace itself, or a directory inside it
+        src = config.find_sources([ws], cwd=cwd)
+        assert src.files == ()
+        s = config.load(sources=src)  # the hostile values would not even validate
+        assert (s.network, s.image, s.vmm, s.egress_allow_ip, s.state_dir) == ("proxy", "default", "auto", "", "")
+        line = src.notice()
+        assert line and "\n" not in line and str(ws / ".env") in line and str(paths.config_file()) in line
+    assert config.find_sources([ws], cwd=clean_env).ignored == (ws / ".env",)  # named even from outside
+    # Default of `load`: the current directory is the shared workspace.
+    os.chdir(ws)
+    assert config.load().network == "proxy"
+
+
+def test_links_into_the_workspace_and_a_config_dir_inside_it_are_not_read(clean_env, monkeypatch):
+    ws = clean_env / "proj"
+    ws.mkdir()
+    (ws / "planted").write_text(HOSTILE)
+    (clean_env / ".env").symlink_to(ws / "planted")  # ./.env beside the workspace, but pointing into it
+    assert config.find_sources([ws], cwd=clean_env).files == ()
+    (clean_env / ".env").unlink()
+    # A workspace that holds the user's config dir (e.g. one sharing $HOME): the guest could write that file too.
+    monkeypatch.setenv("XDG_CONFIG_HOME", str(ws / ".config"))
+    paths.config_file().parent.mkdir(parents=True)
+    paths.config_file().write_text(HOSTILE)
+    src = config.find_sources([ws], cwd=clean_env)
+    assert src.files == () and src.ignored == (paths.config_file(),)
+
+
+def test_path_settings_come_from_the_same_files(clean_env, monkeypatch):
+    (clean_env / ".env").write_text(f"AI_SANDBOX_STATE={clean_env}/st\nAI_SANDBOX_CACHE={clean_env}/ca\n"
+                                    "AI_SANDBOX_NET_POOL=172.30.0.0/16\n")
+    src = _beside(clean_env)
+    assert config.load(sources=src).net_pool == "172.30.0.0/16"
+    assert paths.state_dir(src.path_values()) == clean_env / "st"
+    monkeypatch.setattr(os, "environ", os.environ.copy())  # `use` writes os.environ: keep other tests clean
+    monkeypatch.setenv("AI_SANDBOX_CACHE", str(clean_env / "env-cache"))
+    paths.use(src.path_values())  # exported for helper processes, the environment still wins
+    assert (paths.state_dir(), paths.cache_dir()) == (clean_env / "st", clean_env / "env-cache")
 
 
 def test_bad_value_names_variable_and_origin(clean_env, monkeypatch):
     (clean_env / ".env").write_text("FC_MEM=lots\n")
     with pytest.raises(UsageError) as e:
-        config.load()
+        config.load(sources=_beside(clean_env))
     assert e.value.exit_code == 2
-    assert e.value.line().startswith("FC_MEM=lots (from .env)")
+    assert e.value.line().startswith(f"FC_MEM=lots (from {clean_env / '.env'})")
     monkeypatch.setenv("FC_VCPU", str((os.cpu_count() or 1) + 1))
     (clean_env / ".env").write_text("")
     with pytest.raises(UsageError, match=r"FC_VCPU=\d+ \(from environment\): .*the host has"):
-        config.load()
+        config.load(sources=_beside(clean_env))
 
 
 def test_secrets_never_shown(clean_env, monkeypatch):

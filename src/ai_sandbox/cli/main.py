@@ -27,10 +27,12 @@ def main(
     verbose: Annotated[bool, typer.Option("-v", "--verbose", help="show commands and why stages rebuild")] = False,
 ) -> None:
     ui.setup_logging(verbose)
-    if ctx.invoked_subcommand is None:
-        from ai_sandbox.cli import lifecycle
+    from ai_sandbox.cli import lifecycle
 
+    if ctx.invoked_subcommand is None:
         lifecycle.default()
+    elif ctx.invoked_subcommand != "start":  # start judges the settings files against the workspace it is given
+        lifecycle.prepare_settings(None)
 
 
 app.command("build")(build_cmd.build)
