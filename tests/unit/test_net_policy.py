@@ -131,10 +131,12 @@ def test_in_the_ruleset_the_guards_come_first_and_a_drop_last(mode):
     assert inp[-1] == "drop"
     ports = policy.host_ports(p)
     assert any("tcp dport" in r for r in inp) == bool(ports)
-    assert not any("udp" in r for r in inp)  # no UDP service on the gateway in any mode (no DNS)
+    # UDP only for DNS, and only where the host agent serves it (open, nat)
+    assert [r for r in inp if "udp" in r] == (["udp dport 53 accept"] if 53 in ports else [])
     assert ("l4proto icmp accept" in inp) == (mode != "offline")  # offline: not even a ping to the gateway
     gw = text(_chain(doc, f"gw_{sid}"))
-    assert gw == ([f"iifname != {A.tap} tcp dport {{ {', '.join(map(str, ports))} }} drop"] if ports else [])
+    want = [f"iifname != {A.tap} tcp dport {{ {', '.join(map(str, ports))} }} drop"] if ports else []
+    assert gw == want + ([f"iifname != {A.tap} udp dport 53 drop"] if 53 in ports else [])
 
 
 def test_the_whole_ruleset_is_one_transaction():

@@ -185,7 +185,10 @@ def gateway_rules(cfg: NetConfig, host_ports: Sequence[int]) -> list[Rule]:
     if not host_ports:
         return []
     ports = sorted(set(host_ports))
-    return [[match(meta("iifname"), cfg.tap, "!="), match(field("tcp", "dport"), {"set": ports}), DROP]]
+    out: list[Rule] = [[match(meta("iifname"), cfg.tap, "!="), match(field("tcp", "dport"), {"set": ports}), DROP]]
+    if DNS_PORT in ports:
+        out.append([match(meta("iifname"), cfg.tap, "!="), match(field("udp", "dport"), DNS_PORT), DROP])
+    return out
 
 
 def sandbox_commands(
