@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from ipaddress import IPv4Network
 from pathlib import Path
 
-from ai_sandbox import config, net, paths, progress, proxy_up
+from ai_sandbox import config, hostagent_up, net, paths, progress, proxy_up
 from ai_sandbox.config import Settings
 from ai_sandbox.errors import NotFound, SandboxError, UsageError, VMError
 from ai_sandbox.guest import LABEL_CONFIG, LABEL_DATA, LABEL_WORKSPACE
@@ -125,20 +125,6 @@ def egress_policy(mode: str, settings: Settings) -> policy.EgressPolicy:
     return policy.parse(mode, settings.egress_allow_ip, settings.egress_allow_tcp_ports)
 
 
-def host_resolvers() -> list[str]:
-    """Name servers the guest can use in `open`/`nat` modes: the host's own, minus loopback stubs."""
-    found: list[str] = []
-    for f in (Path("/run/systemd/resolve/resolv.conf"), Path("/etc/resolv.conf")):
-        if f.is_file():
-            for line in f.read_text().splitlines():
-                parts = line.split()
-                if len(parts) >= 2 and parts[0] == "nameserver" and not parts[1].startswith(("127.", "::1")):
-                    found.append(parts[1])
-            if found:
-                break
-    return found
-
-
 # The guest writes the console log at will: any command that looks at the sandbox cuts it back past the limit.
 CONSOLE_LIMIT, CONSOLE_KEEP, LOGS_TAIL = 4 << 20, 1 << 20, 256 << 10
 
@@ -162,6 +148,8 @@ def status(inst: Instance) -> Status:
             return Status(State.BROKEN, f"{helper[1]} is gone: the workspace is not shared", st.pid)
         if spec.network == "proxy" and not proxy_up.running(inst):
             return Status(State.BROKEN, "the egress proxy is gone: the guest has no way out", st.pid)
+        if hostagent_up.expected(inst) and not hostagent_up.running(inst):
+            return Status(State.BROKEN, "the host agent is gone: no DNS and no Ollama for the guest", st.pid)
     return st
 
 
@@ -190,12 +178,13 @@ def _config_drive(inst: Instance, spec: Spec, cfg: net.NetConfig, user_key: str,
         mounts.append({"type": "virtiofs", "tag": virtiofs.TAG, "target": "/workspace"})
     elif spec.share == "copy":
         mounts.append({"type": "ext4", "label": LABEL_WORKSPACE, "target": "/workspace"})
+    ports = policy.host_ports(egress_policy(spec.network, settings))
     data = {
         "hostname": inst.name,
         "user": {"name": "sandbox", "uid": spec.uid, "gid": spec.gid, "authorized_keys": [user_key]},
         "ssh_host_key": {"private": host_key[0], "public": host_key[1]},
         "network": {"address": f"{cfg.guest_ip}/{cfg.prefix}", "gateway": str(cfg.host_ip), "mac": cfg.mac,
-                    "dns": host_resolvers() if spec.network in ("nat", "open") else []},
+                    "dns": hostagent_up.guest_dns(cfg, ports)},
         "environment": {"AI_SANDBOX": inst.name},
         "mounts": mounts,
     }
@@ -204,6 +193,7 @@ def _config_drive(inst: Instance, spec: Spec, cfg: net.NetConfig, user_key: str,
         data["ca_certificates"] = [proxy_up.configure(inst, cfg, settings)]
         data["apt_proxy"] = proxy_up.apt_proxy(cfg)
         data["files"] = proxy_up.guest_files(inst, settings)  # decoy credentials the proxy watches for
+    data["environment"] |= hostagent_up.guest_environment(cfg, ports, settings, data["environment"])
     with tempfile.TemporaryDirectory() as tmp:
         Path(tmp, "config.json").write_text(json.dumps(data, indent=2))
         Path(tmp, "config.json").chmod(0o600)
@@ -257,9 +247,15 @@ def start(inst: Instance, spec: Spec, settings: Settings, skip_optional: bool = 
             inst.path(Files.SSH_CONFIG).write_text(ssh.render_config(t))
             egress = egress_policy(spec.network, settings)
             with progress.step(f"network ({egress.mode})"):
-                net.up(inst.name, cfg, policy.host_ports(egress), egress=policy.egress_rules(egress),
-                       gateway_icmp=policy.gateway_icmp(egress))
+                uplink = net.up(inst.name, cfg, policy.host_ports(egress), egress=policy.egress_rules(egress),
+                                gateway_icmp=policy.gateway_icmp(egress))
             undo.callback(net.down, inst.name)
+            agent = hostagent_up.configure(inst, cfg, policy.host_ports(egress), settings)
+            if uplink is None:
+                progress.info("the host is offline (no IPv4 default route): the guest has no way out"
+                              + ("; Ollama on the host still answers" if agent and agent.forwards else ""))
+            hostagent_up.start(inst)  # sockets on the gateway, which net.up just made
+            undo.callback(hostagent_up.stop, inst)
             if spec.network == "proxy":
                 undo.callback(proxy_up.stop, inst)
             shares = ()
@@ -306,6 +302,7 @@ def _stop_parts(inst: Instance, spec: Spec, timeout: float = 30) -> None:
     sharing.sftp_stop(inst)
     drivers.get(spec.vmm).stop(inst.vm_files(), timeout)
     proxy_up.stop(inst)
+    hostagent_up.stop(inst)
     virtiofs.stop(inst.path(Files.FS_SOCK), inst.path(Files.FS_PID))
     if spec.share == "copy":
         report = sharing.copy_out(inst, spec)
