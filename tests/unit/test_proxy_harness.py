@@ -95,6 +95,20 @@ class _Handler(BaseHTTPRequestHandler):
                 self.wfile.write(b"%x\r\n%s\r\n" % (len(part), part))
             self.wfile.write(b"0\r\n\r\n")
             return
+        if self.path.startswith("/split/"):  # echo of the request, sent chunked in pieces of n bytes
+            n = int(self.path.split("/")[2].split("?")[0])
+            echo = json.dumps({"path": self.path, "headers": dict(self.headers)}).encode()
+            self.send_response(200)
+            self.send_header("Transfer-Encoding", "chunked")
+            self.send_header("X-Echo", self.headers.get("x-api-key") or "")
+            self.end_headers()
+            for i in range(0, len(echo), n):
+                self.wfile.write(b"%x\r\n%s\r\n" % (len(echo[i : i + n]), echo[i : i + n]))
+                self.wfile.flush()
+            self.wfile.write(b"0\r\n\r\n")
+            return
+        if self.path == "/gzip":
+            return self._send(200, b"\x1f\x8b compressed", {"Content-Encoding": "gzip"})
         if self.path == "/until-close":
             self.send_response(200)
             self.send_header("Connection", "close")

@@ -131,6 +131,8 @@ async def read_head(reader: asyncio.StreamReader, *, request: bool) -> Head:
 def _content_length(head: Head, status: int) -> int | None:
     values = set(head.values("content-length"))
     if not values:
+        if any(k.lower() == "content-length" for k, _ in head.headers):
+            raise BadMessage("bad Content-Length", status)  # present but empty
         return None
     # str.isdigit() takes "²" and other Unicode digits, which int() then refuses: ASCII digits only.
     if len(values) > 1 or not _DIGITS.fullmatch(next(iter(values))):
