@@ -32,8 +32,14 @@ HERE = Path(__file__).resolve().parent
 
 
 def _spec_available() -> None:
-    if not fc_fake.SPEC_PATH.is_file():
-        pytest.fail(f"the Firecracker API spec is missing: {fc_fake.SPEC_PATH} (set AI_SANDBOX_FC_API_SPEC)")
+    """The spec is not shipped with the project: a clone without it skips, saying so; one that names it (CI does,
+    with AI_SANDBOX_FC_API_SPEC) must have it."""
+    if fc_fake.SPEC_PATH.is_file():
+        return
+    if os.environ.get("AI_SANDBOX_FC_API_SPEC"):
+        pytest.fail(f"AI_SANDBOX_FC_API_SPEC names {fc_fake.SPEC_PATH}, which is not a file")
+    pytest.skip(f"the Firecracker API spec {fc_fake.SPEC_PATH} is not here (the project does not ship it); "
+                "set AI_SANDBOX_FC_API_SPEC to a copy of firecracker's swagger/firecracker.yaml to run these")
 
 
 @pytest.fixture
