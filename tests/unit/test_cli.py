@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -71,3 +72,35 @@ def test_doctor_reports_missing_tools(monkeypatch):
     found = {c.name: c for c in doctor.checks()}
     assert not found["mmdebstrap"].ok and found["mmdebstrap"].fix == "apt-get install mmdebstrap"
     assert found["qemu-system-x86_64"].ok
+
+
+def test_help_lists_the_commands(tmp_path):
+    res = ai("help", cwd=tmp_path)
+    assert res.returncode == 0
+    for command in ("start", "shell", "exec", "ps", "stop", "rm", "logs", "ssh-config", "gh", "build", "doctor"):
+        assert f" {command} " in res.stdout, command
+
+
+def test_doctor_through_the_cli_exits_by_what_is_missing(tmp_path):
+    res = ai("doctor", cwd=tmp_path)
+    assert "CHECK" in res.stdout and "qemu-system-x86_64" in res.stdout
+    missing = [ln for ln in res.stdout.splitlines() if " missing " in ln]
+    assert res.returncode == (1 if missing else 0), res.stdout + res.stderr
+    # With no tools on PATH every required check is missing: exit 1 and one line saying what to do.
+    bare = ai("doctor", cwd=tmp_path, env={"PATH": str(tmp_path / "empty")})
+    assert bare.returncode == 1 and "missing" in bare.stdout
+    assert "some required pieces are missing" in bare.stderr
+
+
+def test_start_refuses_to_change_a_sandbox_made_otherwise(tmp_path):
+    ws = tmp_path / "ws"
+    ws.mkdir()
+    spec = tmp_path / "state" / "made" / "sandbox.json"
+    spec.parent.mkdir(parents=True)
+    spec.write_text(json.dumps({"name": "made", "workspace": str(ws), "image": "minimal", "vmm": "qemu", "cpus": 1,
+                                "memory_mib": 512, "share": "sftp", "network": "nat"}))
+    before = spec.read_text()
+    res = ai("start", "--name", "made", "--workspace", str(ws), "--network", "open", "--detach", cwd=tmp_path)
+    assert res.returncode == 2
+    assert "--network nat" in _one_error(res) and "ai rm made" in _one_error(res)
+    assert spec.read_text() == before
