@@ -178,3 +178,79 @@ def test_artifacts_json_has_absolute_paths(tmp_path):
     a = pipeline.Artifacts(*(Path(n) for n in ("k", "v", "i", "r", "m")))
     assert all(Path(p).is_absolute() for p in a.as_dict().values())
     assert list(a.as_dict()) == ["kernel", "vmlinux", "initrd", "rootfs", "manifest"]
+
+
+def _fake_package(root: Path) -> Path:
+    pkg = root / "ai_sandbox"
+    files = {
+        "__init__.py": "",
+        "image/__init__.py": "",
+        "image/stage.py": "from ai_sandbox.image import helper\nfrom .. import util\nimport json\n",
+        "image/helper.py": "from ai_sandbox.deep import thing\n",
+        "deep.py": "thing = 1\n",
+        "util.py": "",
+        "unrelated.py": "",
+    }
+    for name, text in files.items():
+        (pkg / name).parent.mkdir(parents=True, exist_ok=True)
+        (pkg / name).write_text(text)
+    return pkg
+
+
+def test_stage_code_key_covers_what_the_stage_imports(tmp_path, monkeypatch):
+    from ai_sandbox.image import cache
+
+    pkg = _fake_package(tmp_path)
+    monkeypatch.setattr(cache, "_PACKAGE_DIR", pkg)
+    assert set(cache.module_closure("ai_sandbox.image.stage")) == {
+        "ai_sandbox", "ai_sandbox.image", "ai_sandbox.image.stage", "ai_sandbox.image.helper", "ai_sandbox.deep",
+        "ai_sandbox.util"}
+    key = cache.code_digest("ai_sandbox.image.stage")
+    (pkg / "unrelated.py").write_text("x = 2\n")
+    assert cache.code_digest("ai_sandbox.image.stage") == key
+    (pkg / "deep.py").write_text("thing = 2\n")  # two imports away
+    assert cache.code_digest("ai_sandbox.image.stage") != key
+
+
+def test_real_stages_cover_the_runner_they_run_commands_with():
+    from ai_sandbox.image import cache, tools
+
+    closure = cache.module_closure("ai_sandbox.image.tools")
+    assert {"ai_sandbox.runner", "ai_sandbox.image.rootfs", "ai_sandbox.errors"} <= set(closure)
+    assert pipeline._code(tools) == cache.code_digest("ai_sandbox.image.tools")
+
+
+def test_build_takes_v_after_the_command(tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if not k.startswith("AI_")} | {"AI_SANDBOX_CACHE": str(tmp_path)}
+    ai = str(Path(sys.executable).with_name("ai"))
+    for args in (["build", "-v"], ["build", "--verbose"], ["-v", "build"]):
+        res = subprocess.run([ai, *args, "--image", "no-such-recipe"], env=env, capture_output=True, text=True,
+                             timeout=60)
+        assert res.returncode == 2, res.stderr
+        errors = [ln for ln in res.stderr.splitlines() if ln.startswith("error:")]
+        assert len(errors) == 1 and "no-such-recipe" in errors[0], res.stderr
+
+
+def test_build_v_turns_on_verbose_logging(tmp_path, monkeypatch):
+    import logging
+
+    from typer.testing import CliRunner
+
+    from ai_sandbox.cli import build as build_cmd
+    from ai_sandbox.cli import main
+
+    seen = []
+
+    def fake_build(ref, verb="", *, skip_optional=False):
+        seen.append(logging.getLogger("ai_sandbox").getEffectiveLevel())
+        arts = pipeline.Artifacts(*(tmp_path / n for n in ("k", "v", "i", "r", "m")))
+        return pipeline.BuildResult(arts)
+
+    monkeypatch.setattr(build_cmd.pipeline, "build", fake_build)
+    assert CliRunner().invoke(main.app, ["build", "--json"]).exit_code == 0
+    assert CliRunner().invoke(main.app, ["build", "-v", "--json"]).exit_code == 0
+    assert seen == [logging.WARNING, logging.INFO]

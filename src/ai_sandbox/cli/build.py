@@ -16,8 +16,11 @@ def build(
     image: Annotated[str, typer.Option("--image", help="recipe name or path to a .toml")] = "default",
     as_json: Annotated[bool, typer.Option("--json", help="print the artifact paths as JSON")] = False,
     skip_optional: Annotated[bool, typer.Option("--skip-optional", help="leave out tools marked optional")] = False,
+    verbose: Annotated[bool, typer.Option("-v", "--verbose", help="show commands and why stages rebuild")] = False,
 ) -> None:
     """Build the guest image (kernel, initramfs, root filesystem), reusing every stage that did not change."""
+    if verbose:  # also accepted before the command (`ai -v build`), as everywhere
+        ui.setup_logging(True)
     ui.show_progress()
     result = pipeline.build(image, verb, skip_optional=skip_optional)
     if as_json:

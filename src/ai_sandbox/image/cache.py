@@ -6,6 +6,7 @@ written last, so a failed stage never leaves an entry that a later build could r
 
 from __future__ import annotations
 
+import ast
 import contextlib
 import hashlib
 import json
@@ -16,6 +17,8 @@ from pathlib import Path
 from typing import Any
 
 MANIFEST = "manifest.json"
+PACKAGE = "ai_sandbox"
+_PACKAGE_DIR = Path(__file__).resolve().parents[1]
 
 
 def digest(inputs: dict[str, Any]) -> str:
@@ -38,6 +41,55 @@ def tree_digest(root: Path) -> str:
             h.update(f"{p.relative_to(root)}:{p.stat().st_mode & 0o777:o}:".encode())
             h.update(file_digest(p).encode())
     return h.hexdigest()
+
+
+def _module_file(name: str) -> Path | None:
+    """The source file of an ai_sandbox module (None for names that are not modules of the package)."""
+    rel = Path(*name.split(".")[1:])
+    for path in (_PACKAGE_DIR / rel / "__init__.py", (_PACKAGE_DIR / rel).with_suffix(".py")):
+        if path.is_file():
+            return path
+    return None
+
+
+def _imports(name: str, path: Path) -> set[str]:
+    """The ai_sandbox modules (and packages) one module's source imports, read with ast, never executed."""
+    package = name if path.name == "__init__.py" else name.rpartition(".")[0]
+    found: set[str] = set()
+    for node in ast.walk(ast.parse(path.read_bytes(), str(path))):
+        if isinstance(node, ast.Import):
+            found.update(a.name for a in node.names)
+        elif isinstance(node, ast.ImportFrom):
+            base = node.module or ""
+            if node.level:
+                parts = package.split(".")
+                parent = ".".join(parts[: len(parts) - node.level + 1])
+                base = f"{parent}.{base}" if base else parent
+            found.add(base)
+            found.update(f"{base}.{a.name}" for a in node.names)  # `from pkg import mod` names a module
+    out = set()
+    for mod in found:
+        parts = mod.split(".")
+        if parts[0] == PACKAGE:  # the module and the packages it sits in, whose __init__ runs first
+            out.update(".".join(parts[:i]) for i in range(1, len(parts) + 1))
+    return out
+
+
+def module_closure(*names: str) -> dict[str, Path]:
+    """The named ai_sandbox modules and every ai_sandbox module they import, transitively."""
+    todo, seen = [".".join(n.split(".")[:i]) for n in names for i in range(1, n.count(".") + 2)], {}
+    while todo:
+        name = todo.pop()
+        path = _module_file(name) if name not in seen else None
+        if path is not None:
+            seen[name] = path
+            todo.extend(_imports(name, path) - set(seen))
+    return seen
+
+
+def code_digest(*names: str) -> str:
+    """Digest of the source of these modules and all the package code they import: a stage's code as an input."""
+    return digest({name: file_digest(path) for name, path in sorted(module_closure(*names).items())})
 
 
 class Cache:

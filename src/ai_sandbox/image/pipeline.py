@@ -16,7 +16,7 @@ from ai_sandbox.errors import BuildError, SandboxError, UsageError
 from ai_sandbox.guest import LABEL_BASE, files_dir
 from ai_sandbox.image import disk, guest, initramfs, kernel, recipe, rootfs, sources
 from ai_sandbox.image import tools as tools_stage
-from ai_sandbox.image.cache import Cache, digest, file_digest, tree_digest
+from ai_sandbox.image.cache import Cache, code_digest, file_digest, tree_digest
 
 log = logging.getLogger(__name__)
 
@@ -53,8 +53,8 @@ class BuildResult:
 
 
 def _code(*modules: Any) -> str:
-    """Stage code is an input too: changing how a stage builds invalidates its entries."""
-    return digest({m.__name__: file_digest(Path(m.__file__)) for m in modules})
+    """Stage code is an input too: changing how a stage builds, or any package code it imports, invalidates it."""
+    return code_digest(*(m.__name__ for m in modules))
 
 
 def is_static(binary: Path) -> bool:
