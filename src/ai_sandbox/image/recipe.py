@@ -40,7 +40,7 @@ class Tool(_Strict):
 class Recipe(_Strict):
     name: str
     description: str = ""
-    suite: Literal["bookworm", "trixie"] = "bookworm"
+    suite: Literal["bookworm", "trixie"] = "trixie"
     variant: Literal["minbase", "essential", "apt", "required", "important", "standard"] = "minbase"
     kernel: str = "linux-image-cloud-amd64"
     packages: list[str] = Field(default_factory=list)
