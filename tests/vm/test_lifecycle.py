@@ -11,6 +11,7 @@ import time
 from pathlib import Path
 
 import pytest
+from terminal import Terminal, ai_command  # tests/vm/terminal.py (pytest puts tests/vm on sys.path)
 
 from ai_sandbox.net import netns
 
@@ -129,26 +130,13 @@ def test_kill_minus_9_is_reported_and_recovered(ai, started):
 
 
 def test_interactive_shell_through_a_terminal(ai, started, topo):
-    session = f"ai-{os.getpid()}"
-    env = f"AI_SANDBOX_STATE={ai.state}"
-    cmd = f"env {env} ip netns exec {topo.host.name} {Path(os.sys.executable).with_name('ai')} shell {started}"
-    subprocess.run(["tmux", "new-session", "-d", "-s", session, "-x", "120", "-y", "30", cmd], check=True)
-    try:
-        def screen() -> str:
-            return subprocess.run(["tmux", "capture-pane", "-p", "-t", session], capture_output=True,
-                                  text=True).stdout
-
-        deadline = time.monotonic() + 60
-        while time.monotonic() < deadline and "sandbox@" not in screen():
-            time.sleep(0.5)
-        assert "sandbox@" in screen() and "/workspace" in screen()
-        subprocess.run(["tmux", "send-keys", "-t", session, "echo TTY=$(tty)", "Enter"], check=True)
+    with Terminal(ai_command(ai.state, topo.host.name, "shell", started)) as term:
+        screen = term.wait_for("sandbox@")
+        assert "sandbox@" in screen and "/workspace" in screen
+        term.type("echo TTY=$(tty)")
+        assert "TTY=/dev/pts/" in term.wait_for("TTY=/dev/pts/", 10)
+        term.type("exit")
         time.sleep(2)
-        assert "TTY=/dev/pts/" in screen()
-        subprocess.run(["tmux", "send-keys", "-t", session, "exit", "Enter"], check=True)
-        time.sleep(2)
-    finally:
-        subprocess.run(["tmux", "kill-session", "-t", session], capture_output=True)
     assert _ps(ai)[started]["status"] == "running"  # leaving the shell leaves the VM running
 
 

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+import time
+from pathlib import Path
 
 import pytest
 
@@ -45,6 +47,26 @@ def test_sftp_round_trip_and_ownership(ai, sftp, layout):
     (ws / "later.txt").write_text("live\n")
     assert ai("exec", "--name", sftp, "--", "cat", "/workspace/later.txt").stdout == "live\n"
     assert ai("exec", "--name", sftp, "--", "stat", "-c", "%U", "/workspace/FILE").stdout.strip() == "sandbox"
+
+
+KILL_SSHFS = ("import os,sys,signal\n"
+              "pid=next(int(p) for p in os.listdir('/proc') if p.isdigit() and open(f'/proc/{p}/comm').read()=='sshfs\\n')\n"
+              "if sys.argv[1]=='parent': pid=int(open(f'/proc/{pid}/stat').read().rsplit(')',1)[1].split()[1])\n"
+              "os.kill(pid, signal.SIGKILL)\n")
+
+
+def test_sftp_remounts_after_sshfs_or_the_connection_dies(ai, sftp):
+    log = Path(ai.state, sftp, "share.log")
+    # `sshfs`: the guest's sshfs dies; `parent`: its sshd session, i.e. the daemon's whole SSH connection drops.
+    for victim in ("sshfs", "parent"):
+        before = log.read_text().count("re-mounted")
+        ai("exec", "--name", sftp, "--", "sudo", "python3", "-c", KILL_SSHFS, victim)
+        deadline = time.monotonic() + 90
+        while time.monotonic() < deadline and log.read_text().count("re-mounted") == before:
+            time.sleep(0.5)
+        assert log.read_text().count("re-mounted") == before + 1, log.read_text()[-2000:]
+        res = ai("exec", "--name", sftp, "--", "cat", "/workspace/FILE", check=False)
+        assert res.stdout == "from the host\n", (victim, res.stderr)
 
 
 ESCAPES = [
