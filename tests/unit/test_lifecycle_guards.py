@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import time
 
 import pytest
 
@@ -85,6 +86,9 @@ def test_runs_matches_only_the_process_given_the_marker(tmp_path, sleeper):
     marker = tmp_path / "marker.pid"
     proc = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)", str(marker)])
     try:
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline and not process.runs(proc.pid, marker):
+            time.sleep(0.05)  # between fork and exec the child still shows pytest's command line
         assert process.runs(proc.pid, marker)
         assert not process.runs(sleeper.pid, marker)
         assert not process.runs(2**22 + 7, marker)  # no such pid
