@@ -144,7 +144,8 @@ def _run(work: Path, n: int, mib: int) -> dict[str, object]:
     try:
         ports = json.loads(upstream.stdout.readline())  # type: ignore[union-attr]
         cfg = ProxyConfig(
-            sandbox="bench", listen="127.0.0.1", port=0, allow=[INTERCEPT, TUNNEL, "plain.bench.example"],
+            sandbox="bench", listen="127.0.0.1", port=0,
+            allow=[INTERCEPT, TUNNEL, "plain.bench.example", f"{INTERCEPT}:{ports[INTERCEPT]}", f"{TUNNEL}:{ports[TUNNEL]}"],
             allowed_networks=["127.0.0.0/8"], ports=sorted(ports.values()), credentials={"BENCH_KEY": [INTERCEPT]},
             ca_dir=str(work / "ca"), log=str(work / "proxy.log"), upstream_ca=str(upstream_ca),
             hosts={h: [UPSTREAM_IP] for h in (INTERCEPT, TUNNEL, "plain.bench.example")},

@@ -60,9 +60,12 @@ class Scanner:
         for name, value in secrets.items():
             for form in forms(value):
                 self._names.setdefault(form, name)
-        ordered = sorted(self._names, key=len, reverse=True)  # the longest of overlapping forms wins
+        # The longest of overlapping forms first. One bytes.replace / `in` per form runs at memory speed, several
+        # times faster than one regex alternation over all forms.
+        self._ordered = sorted(self._names, key=len, reverse=True)
+        self._masks = [b"*" * len(f) for f in self._ordered]
+        ordered = self._ordered
         self.longest = len(ordered[0]) if ordered else 0
-        self._regex = re.compile(b"|".join(map(re.escape, ordered))) if ordered else None
         self._prefixes: list[set[bytes]] = [set() for _ in range(self.longest)]  # [k]: every form's first k bytes
         for form in ordered:
             for k in range(1, len(form)):
@@ -76,25 +79,26 @@ class Scanner:
         return 0
 
     def __bool__(self) -> bool:
-        return self._regex is not None
+        return bool(self._ordered)
 
     def find(self, data: bytes) -> str | None:
-        """The name of the first secret found in `data`, or None."""
-        if self._regex is None:
-            return None
-        m = self._regex.search(data)
-        return self._names[m.group(0)] if m else None
+        """The name of a secret found in `data`, or None."""
+        for form in self._ordered:
+            if form in data:
+                return self._names[form]
+        return None
 
     def mask(self, data: bytes) -> bytes:
-        if self._regex is None:
-            return data
-        return self._regex.sub(lambda m: b"*" * len(m.group(0)), data)
+        for form, stars in zip(self._ordered, self._masks, strict=True):
+            if form in data:
+                data = data.replace(form, stars)
+        return data
 
     def find_text(self, text: str) -> str | None:
         return self.find(text.encode("latin-1", "replace"))
 
     def mask_text(self, text: str) -> str:
-        if self._regex is None:
+        if not self._ordered:
             return text
         return self.mask(text.encode("latin-1", "replace")).decode("latin-1")
 
