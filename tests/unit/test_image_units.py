@@ -254,3 +254,18 @@ def test_build_v_turns_on_verbose_logging(tmp_path, monkeypatch):
     assert CliRunner().invoke(main.app, ["build", "--json"]).exit_code == 0
     assert CliRunner().invoke(main.app, ["build", "-v", "--json"]).exit_code == 0
     assert seen == [logging.WARNING, logging.INFO]
+
+
+def test_npm_settings_reach_npm_explicitly_and_host_paths_stay_on_the_host():
+    from ai_sandbox.image import tools
+
+    cfg = {"registry": "https://npm.invalid/", "cafile": "/host/proxy-ca.pem", "globalconfig": "/usr/etc/npmrc",
+           "https-proxy": "http://proxy.invalid:3128/"}
+    host = tools.host_npm_env(cfg)
+    assert host == {"npm_config_registry": "https://npm.invalid/", "npm_config_cafile": "/host/proxy-ca.pem",
+                    "npm_config_globalconfig": "/usr/etc/npmrc", "npm_config_https_proxy": "http://proxy.invalid:3128/"}
+    assert not any(k in host for k in ("NODE_EXTRA_CA_CERTS", "SSL_CERT_FILE", "PATH", "HOME"))
+    inner = tools.tree_env(cfg, ca_in_tree=True)
+    assert inner["npm_config_cafile"] == inner["NODE_EXTRA_CA_CERTS"] == tools._HOST_CA
+    assert inner["npm_config_registry"] == "https://npm.invalid/" and "npm_config_globalconfig" not in inner
+    assert "npm_config_cafile" not in tools.tree_env(cfg, ca_in_tree=False)
