@@ -28,7 +28,7 @@ METADATA = {"azure": "168.63.129.16", "alibaba": "100.100.100.200"}  # besides 1
 ALLOWED_HOST = "10.99.0.20"  # EGRESS_ALLOW_IP in every test below, with EGRESS_ALLOW_TCP_PORTS=5432
 INET6, GATEWAY6, GUEST6 = "fd00:1::10", "fd00::1", "fd00::2"
 INTERNET_SERVICES = ("tcp:22", "tcp:53", "tcp:80", "tcp:443", "tcp:5432", "tcp:6000", "udp:53")
-HOST_SERVICES = ("tcp:22", "tcp:3128", "tcp:4713", "tcp:8080", "tcp:11434", "udp:53")
+HOST_SERVICES = ("tcp:22", "tcp:53", "tcp:3128", "tcp:4713", "tcp:8080", "tcp:11434", "udp:53")
 
 # label, protocol, destination (a name resolved per test, or an address), port;  then: open, proxy, offline, nat
 TABLE = [
@@ -47,10 +47,11 @@ TABLE = [
     ("allowed host tcp/80", "tcp", ALLOWED_HOST, 80, 0, 0, 0, 1),  # web port, but a private address
     ("gateway tcp/22", "tcp", "GW", 22, 0, 0, 0, 0),
     ("gateway tcp/8080", "tcp", "GW", 8080, 0, 0, 0, 0),
-    ("gateway tcp/11434 (ollama)", "tcp", "GW", 11434, 1, 1, 0, 0),
+    ("gateway tcp/11434 (ollama)", "tcp", "GW", 11434, 1, 1, 0, 1),
     ("gateway tcp/4713 (pulseaudio)", "tcp", "GW", 4713, 1, 1, 0, 0),
     ("gateway tcp/3128 (proxy)", "tcp", "GW", 3128, 0, 1, 0, 0),
-    ("gateway dns udp/53", "udp", "GW", 53, 0, 0, 0, 0),
+    ("gateway dns udp/53", "udp", "GW", 53, 1, 0, 0, 1),  # the host agent's DNS (open, nat)
+    ("gateway dns tcp/53", "tcp", "GW", 53, 1, 0, 0, 1),
     ("gateway icmp echo", "icmp", "GW", 0, 1, 1, 0, 1),
     ("other sandbox's guest tcp/80", "tcp", "OTHER_GUEST", 80, 0, 0, 0, 0),
     ("other sandbox's gateway tcp/11434", "tcp", "OTHER_GW", 11434, 0, 0, 0, 0),
