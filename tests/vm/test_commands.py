@@ -72,7 +72,8 @@ def test_bare_ai_attaches_to_the_running_sandbox(ai, ws, name):
     with Terminal(ai_command(ai.state, ai.topo.host.name), cwd=ws) as term:
         assert "sandbox@" in term.wait_for("sandbox@", 90)
         term.type("echo HOST=$(hostname) && cat FILE")
-        screen = term.wait_for(f"HOST={name}", 15)
+        term.wait_for(f"HOST={name}", 15)
+        screen = term.wait_for("hello", 15)  # the command line shows "cat FILE", never the file's text
         assert f"HOST={name}" in screen and "hello" in screen
         term.type("exit")
     assert _status(ai, name) == "running"
