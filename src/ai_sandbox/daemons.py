@@ -45,6 +45,13 @@ class Daemon:
     what: str  # for messages: "the host agent"
     pid_file: Path
     log_file: Path
+    marker: Path | None = None  # a path in its argv (its config): a reused pid of another program is not it
+
+    def _pid(self) -> int | None:
+        pid = process.read_pid(self.pid_file)
+        if pid is None or not (process.runs(pid, self.marker) if self.marker else process.alive(pid)):
+            return None
+        return pid
 
     def start(self, argv: Sequence[str], *, sockets: Sequence[socket.socket] = (),
               extra_env: Mapping[str, str] | None = None, settle: float = 0.2) -> int:
@@ -65,10 +72,10 @@ class Daemon:
         return proc.pid
 
     def running(self) -> bool:
-        return process.alive_from(self.pid_file)
+        return self._pid() is not None
 
     def stop(self, timeout: float = 5) -> None:
-        pid = process.read_pid(self.pid_file)
-        if pid is not None and process.alive(pid):
+        pid = self._pid()
+        if pid is not None:
             process.kill(pid, timeout=timeout)
         process.remove(self.pid_file)

@@ -17,7 +17,7 @@ WHAT = "the host agent (Ollama forward, DNS)"
 
 
 def _daemon(inst: Instance) -> daemons.Daemon:
-    return daemons.Daemon(WHAT, inst.path(Files.AGENT_PID), inst.path(Files.AGENT_LOG))
+    return daemons.Daemon(WHAT, inst.path(Files.AGENT_PID), inst.path(Files.AGENT_LOG), inst.path(Files.AGENT_CONFIG))
 
 
 def plan(inst: Instance, cfg: NetConfig, host_ports: tuple[int, ...], settings: Settings) -> AgentConfig | None:

@@ -307,7 +307,7 @@ def test_agent_daemon_serves_on_inherited_sockets_and_stops(tmp_path):
     socks = [daemons.listening_socket(k, "127.0.0.1", 0) for k in ("tcp", "udp", "tcp")]
     fport_tcp, dport_udp = socks[0].getsockname()[1], socks[1].getsockname()[1]
     fds = {"ollama": socks[0].fileno(), "dns-udp": socks[1].fileno(), "dns-tcp": socks[2].fileno()}
-    d = daemons.Daemon("the agent", tmp_path / "agent.pid", tmp_path / "agent.log")
+    d = daemons.Daemon("the agent", tmp_path / "agent.pid", tmp_path / "agent.log", tmp_path / "agent.json")
     d.start(hostagent.daemon_argv(tmp_path / "agent.json", fds), sockets=socks)
     try:
         assert d.running()
@@ -331,6 +331,19 @@ def test_agent_daemon_serves_on_inherited_sockets_and_stops(tmp_path):
     assert not d.running() and not (tmp_path / "agent.pid").exists()
     assert "db.corp.example." in (tmp_path / "dns.log").read_text()
     d.stop()  # idempotent
+
+
+def test_a_reused_pid_is_not_the_daemon(tmp_path):
+    other = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        (tmp_path / "x.pid").write_text(f"{other.pid}\n")  # a stale pid file naming another program
+        d = daemons.Daemon("the agent", tmp_path / "x.pid", tmp_path / "x.log", tmp_path / "agent.json")
+        assert not d.running()
+        d.stop()
+        assert other.poll() is None  # not killed
+    finally:
+        other.kill()
+        other.wait()
 
 
 def test_a_daemon_that_dies_at_start_is_an_error(tmp_path):
