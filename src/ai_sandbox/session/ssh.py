@@ -74,7 +74,7 @@ def attach_argv(config: Path, alias: str, command: str | None = None) -> list[st
     return ["ssh", "-F", str(config), "-t", alias, remote]
 
 
-def _connect_kwargs(t: Target) -> dict:
+def _connect_kwargs(t: Target, timeout: float) -> dict:
     return {
         "host": t.address,
         "port": t.port,
@@ -83,12 +83,23 @@ def _connect_kwargs(t: Target) -> dict:
         "known_hosts": asyncssh.import_known_hosts(t.known_hosts.read_text().replace(t.alias, t.address, 1)),
         "agent_path": None,
         "password": None,
-        "connect_timeout": 5,
+        "connect_timeout": timeout,
     }
 
 
-async def connect(t: Target) -> asyncssh.SSHClientConnection:
-    return await asyncssh.connect(**_connect_kwargs(t))
+# A TCG guest on a busy host can take many seconds for the key exchange; boot polling uses short tries.
+CONNECT_TIMEOUT = float(os.environ.get("AI_SANDBOX_SSH_TIMEOUT", "60"))
+
+
+async def connect(t: Target, timeout: float = CONNECT_TIMEOUT) -> asyncssh.SSHClientConnection:
+    """An SSH connection to the guest; failures become one VMError line (the host key stays pinned)."""
+    try:
+        return await asyncssh.connect(**_connect_kwargs(t, timeout))
+    except asyncssh.HostKeyNotVerifiable as e:
+        raise VMError(f"guest host key does not match the pinned key: {e}") from e
+    except (TimeoutError, OSError, asyncssh.Error) as e:
+        raise VMError(f"cannot reach {t.alias} over SSH at {t.address}: {str(e) or type(e).__name__}",
+                      hint="see `ai ps` and `ai logs`") from e
 
 
 async def wait_ready(t: Target, timeout: float, alive=lambda: True) -> float:
@@ -99,7 +110,7 @@ async def wait_ready(t: Target, timeout: float, alive=lambda: True) -> float:
         if not alive():
             raise VMError("the VM stopped while booting")
         try:
-            async with await connect(t) as conn:
+            async with await asyncssh.connect(**_connect_kwargs(t, 10)) as conn:
                 await conn.run("true", check=True, timeout=10)
                 return time.monotonic() - t0
         except asyncssh.HostKeyNotVerifiable as e:
