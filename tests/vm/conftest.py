@@ -7,11 +7,13 @@ import json
 import os
 import subprocess
 import sys
+import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 
-from ai_sandbox.net.netns import FakeInternet, fake_internet
+from ai_sandbox.net.netns import FakeInternet, fake_internet, wait_for
 
 AI = str(Path(sys.executable).with_name("ai"))
 
@@ -50,12 +52,12 @@ def state_dir(tmp_path_factory) -> Path:
 class Ai:
     """Runs the `ai` command as a user would, inside the test's sandbox-host namespace."""
 
-    def __init__(self, topo: FakeInternet, state: Path) -> None:
-        self.topo, self.state = topo, state
+    def __init__(self, topo: FakeInternet, state: Path, env: dict[str, str] | None = None) -> None:
+        self.topo, self.state, self.env = topo, state, env or {}
 
     def __call__(self, *args: str, cwd: Path | None = None, check: bool = True, timeout: float = 600,
                  input: str | None = None) -> subprocess.CompletedProcess[str]:
-        env = {**os.environ, "AI_SANDBOX_STATE": str(self.state), "COLUMNS": "200"}
+        env = {**os.environ, **self.env, "AI_SANDBOX_STATE": str(self.state), "COLUMNS": "200"}
         res = subprocess.run(["ip", "netns", "exec", self.topo.host.name, AI, *args], cwd=cwd, env=env, text=True,
                              capture_output=True, timeout=timeout, input=input)
         if check and res.returncode != 0:
@@ -72,3 +74,43 @@ def ai(topo, state_dir) -> Ai:
     runner = Ai(topo, state_dir)
     yield runner
     runner("stop", "--all", check=False)
+
+
+@dataclass
+class DefaultBox:
+    ai: Ai
+    name: str
+    artifacts: dict[str, str]
+    provider_log: Path  # one JSON line per request the fake providers saw
+
+
+@pytest.fixture(scope="session")
+def default_box(tmp_path_factory) -> DefaultBox:
+    """One sandbox of the default image in proxy mode, shared by test_default_image and test_agents (its boot is
+    the dearest of the tier). Provider names lead to fake providers in the fake internet (fake_providers.py)."""
+    import fake_providers as fp
+
+    res = subprocess.run([AI, "build", "--skip-optional", "--json"], capture_output=True, text=True, timeout=3600)
+    assert res.returncode == 0, res.stderr[-3000:]
+    d = tmp_path_factory.mktemp("default-box")
+    ca, leaf, key = fp.make_pki(d)
+    log = d / "providers.jsonl"
+    log.write_text("")
+    with fake_internet() as topo:
+        proc = topo.internet.python(fp.SERVER, str(leaf), str(key), str(log), fp.ANSWER, fp.ADDRESS,
+                                    log_name="providers.log")
+        try:
+            wait_for(lambda: "listening" in (topo.internet.workdir / "providers.log").read_text(), "fake providers")
+            runner = Ai(topo, d / "state", env=fp.proxy_env(ca))
+            (d / "ws").mkdir()
+            t0 = time.monotonic()
+            runner("start", "--name", "dflt", "--workspace", str(d / "ws"), "--image", "default", "--skip-optional",
+                   "--detach", "--cpus", "2", "--memory", "3072", "--network", "proxy", timeout=1200)
+            print(f"default image: ai start took {time.monotonic() - t0:.0f}s")
+            try:
+                yield DefaultBox(runner, "dflt", json.loads(res.stdout), log)
+            finally:
+                runner("rm", "--force", "dflt", check=False)
+        finally:
+            proc.terminate()
+            proc.wait(timeout=10)

@@ -13,6 +13,22 @@ from pathlib import Path
 from ai_sandbox.guest import UID, USER
 
 _UNIT = "ai-sandbox-config.service"
+# Each agent's settings for life in the sandbox, by file under files/agents → path under the user's home:
+# keys are the broker's placeholders, /workspace is trusted, update checks and telemetry are off.
+AGENT_FILES = {
+    "claude-settings.json": ".claude/settings.json",
+    "claude.json": ".claude.json",
+    "codex-config.toml": ".codex/config.toml",
+    "codex-auth.json": ".codex/auth.json",
+    "gemini-settings.json": ".gemini/settings.json",
+    "gemini-trustedFolders.json": ".gemini/trustedFolders.json",
+    "opencode.json": ".config/opencode/opencode.json",
+}
+# Units that would start at every boot for nothing: docker starts on first use (docker.socket), the host key
+# comes from the config drive (no keygen), time sync and apt timers only add noise (and traffic) in a sandbox.
+_MASKED = ("apt-daily.timer", "apt-daily-upgrade.timer", "systemd-timesyncd.service", "e2scrub_reap.service",
+           "sshd-keygen.service")
+_ON_DEMAND = ("docker.service", "containerd.service")
 
 
 def _replace(path: Path, data: str, mode: int = 0o644, uid: int = 0, gid: int = 0) -> None:
@@ -80,14 +96,29 @@ def install_files(root: Path, files: Path) -> None:
     sudoers.unlink(missing_ok=True)
     shutil.copyfile(files / "sudoers-sandbox", sudoers)
     sudoers.chmod(0o440)
-    # Time sync and apt timers only add noise (and traffic) in a sandbox.
-    for unit in ("apt-daily.timer", "apt-daily-upgrade.timer", "systemd-timesyncd.service", "e2scrub_reap.service"):
+    for unit in _MASKED:
         (units / unit).unlink(missing_ok=True)
         (units / unit).symlink_to("/dev/null")
+    for unit in _ON_DEMAND:
+        (units / "multi-user.target.wants" / unit).unlink(missing_ok=True)
+    if (root / "usr/sbin/dockerd").exists():
+        dropin = units / "docker.service.d"
+        dropin.mkdir(exist_ok=True)
+        shutil.copyfile(files / "docker-proxy.conf", dropin / "ai-sandbox-proxy.conf")
     (root / "workspace").mkdir(exist_ok=True)
     os.chown(root / "workspace", UID, UID)
     (root / "etc/fstab").unlink(missing_ok=True)
     (root / "etc/fstab").write_text("# root is an overlay assembled by the ai-sandbox initramfs\n")
+
+
+def install_agent_config(root: Path, files: Path) -> None:
+    home = root / "home" / USER
+    for src, rel in AGENT_FILES.items():
+        dst = home / rel
+        for d in reversed(dst.relative_to(home).parents[:-1]):
+            (home / d).mkdir(mode=0o700, exist_ok=True)
+            os.lchown(home / d, UID, UID)
+        _replace(dst, (files / "agents" / src).read_text(), 0o600, UID, UID)
 
 
 def build_guest(tools_root: Path, out: Path, files: Path) -> Path:
@@ -97,4 +128,5 @@ def build_guest(tools_root: Path, out: Path, files: Path) -> Path:
     copy_tree(tools_root, root, hardlink=True)
     add_user(root)
     install_files(root, files)
+    install_agent_config(root, files)
     return root
