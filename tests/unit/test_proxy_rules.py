@@ -196,3 +196,10 @@ def test_default_allow_writes_no_registry_name_itself(apt_dir, tmp_path):
 def test_the_real_runner_tolerates_missing_tools(monkeypatch):
     monkeypatch.setenv("PATH", "/nonexistent")
     assert rules._run(["npm", "config", "get", "registry"]) == ""
+
+
+@pytest.mark.unit
+@pytest.mark.parametrize("address", ["64:ff9b::a00:1", "2002:a00:1::1", "::ffff:10.0.0.1", "168.63.129.16",
+                                     "100.100.100.200", "fec0::1"])
+def test_the_proxy_never_connects_to_ipv4_wrapped_in_ipv6_or_a_metadata_address(address):
+    assert not Policy(allow=["example.com"]).address_ok(ipaddress.ip_address(address))

@@ -21,6 +21,7 @@ from pathlib import Path
 from urllib.parse import urlsplit
 
 from ai_sandbox import runner
+from ai_sandbox.addresses import is_public
 from ai_sandbox.errors import CommandError
 from ai_sandbox.image.sources import APT_DIR, host_sources
 
@@ -132,7 +133,7 @@ class Policy:
             ip = ip.ipv4_mapped
         if self._in(ip, self.blocked_networks):
             return False
-        return self._in(ip, self.allowed_networks) or (ip.is_global and not ip.is_multicast)
+        return self._in(ip, self.allowed_networks) or is_public(ip)
 
     @staticmethod
     def _in(ip: IPAddress, networks: Iterable[IPNetwork]) -> bool:
