@@ -14,7 +14,7 @@ from ai_sandbox.image import pipeline
 def build(
     verb: Annotated[str, typer.Argument(help="clean | inner-only | inject-only | host-only", show_default=False)] = "",
     image: Annotated[str, typer.Option("--image", help="recipe name or path to a .toml")] = "default",
-    as_json: Annotated[bool, typer.Option("--json", help="print the artifact paths as JSON")] = False,
+    as_json: Annotated[bool, typer.Option("--json", help="artifact paths and stages run/reused, as JSON")] = False,
     skip_optional: Annotated[bool, typer.Option("--skip-optional", help="leave out tools marked optional")] = False,
     verbose: Annotated[bool, typer.Option("-v", "--verbose", help="show commands and why stages rebuild")] = False,
 ) -> None:
@@ -24,7 +24,7 @@ def build(
     ui.show_progress()
     result = pipeline.build(image, verb, skip_optional=skip_optional)
     if as_json:
-        ui.out.print_json(json.dumps(result.artifacts.as_dict()))
+        ui.out.print_json(json.dumps(result.artifacts.as_dict() | {"ran": result.ran, "reused": result.reused}))
         return
     ran = ", ".join(result.ran) or "nothing (all reused)"
     ui.err.print(f"image [bold]{image}[/]: rebuilt {ran}", highlight=False)
