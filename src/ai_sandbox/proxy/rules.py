@@ -34,7 +34,7 @@ DEFAULT_PORTS = (80, 443)
 AI_HOSTS = (
     "api.anthropic.com", "*.anthropic.com", "api.openai.com", "*.openai.com", "chatgpt.com",
     "generativelanguage.googleapis.com", "oauth2.googleapis.com", "cloudcode-pa.googleapis.com",
-    "opencode.ai", "models.dev",
+    "opencode.ai", "*.opencode.ai", "models.dev",
 )  # fmt: skip
 GITHUB_HOSTS = ("github.com", "api.github.com", "*.githubusercontent.com", "codeload.github.com", "uploads.github.com")
 
