@@ -44,18 +44,31 @@ def guest_ids() -> tuple[int, int]:
     return uid, gid
 
 
+SEED_WORKSPACE = "workspace"
+
+
+def default_workspace(cwd: Path | None = None) -> Path:
+    """The workspace a command means when none is named: the current directory, except in a checkout of this
+    project, where it is the checkout's `workspace/` as in the seed's layout (so the `.env` beside it, which holds
+    the user's keys, stays out of the guest's reach)."""
+    here = cwd or Path.cwd()
+    if (here / "ai").is_file() and (here / "src" / "ai_sandbox").is_dir():
+        return here / SEED_WORKSPACE
+    return here
+
+
 def resolve(name: str | None, workspace: Path | None = None) -> Instance:
-    """The named sandbox, or the one of the workspace (default: the current directory)."""
+    """The named sandbox, or the one of the workspace (default: `default_workspace()`)."""
     if name:
         return Instance(name)
-    ws = (workspace or Path.cwd()).resolve()
+    ws = (workspace or default_workspace()).resolve()
     return Instance(name_for_workspace(ws))
 
 
 def existing(name: str | None) -> Instance:
     inst = resolve(name)
     if not inst.exists():
-        what = f"no sandbox named {name!r}" if name else f"no sandbox for {Path.cwd()}"
+        what = f"no sandbox named {name!r}" if name else f"no sandbox for {default_workspace()}"
         raise NotFound(what, hint="see `ai ps`, or start one with `ai start`")
     return inst
 

@@ -49,6 +49,17 @@ def test_a_dotenv_inside_the_workspace_is_not_read_and_named_once(tmp_path):
     assert len(notes) == 1 and "config.env" in notes[0] and notes[0].startswith("note:"), res.stderr
 
 
+def test_in_a_checkout_the_seed_layout_holds_workspace_beside_dotenv(tmp_path):
+    # `./ai` run in this project's checkout: the workspace is ./workspace/, so the .env beside it is read.
+    (tmp_path / "ai").write_text("#!/bin/sh\n")
+    (tmp_path / "src" / "ai_sandbox").mkdir(parents=True)
+    (tmp_path / ".env").write_text("FC_MEM=lots\n")
+    res = ai("start", "--detach", cwd=tmp_path, env={"XDG_CONFIG_HOME": str(tmp_path / "x")})
+    assert res.returncode == 2
+    assert _one_error(res).startswith(f"error: FC_MEM=lots (from {tmp_path / '.env'})")
+    assert not (tmp_path / "workspace").exists()  # nothing made for a start that failed
+
+
 def test_secret_value_never_echoed(tmp_path):
     res = ai("start", "--detach", "--cpus", "100000", cwd=tmp_path, env={"ANTHROPIC_API_KEY": "sk-ant-xyz-secret"})
     assert res.returncode == 2 and "sk-ant-xyz-secret" not in res.stdout + res.stderr

@@ -34,10 +34,13 @@ def prepare_settings(workspace: Path | None) -> config.Sources:
 
 
 def _start(name: str | None, workspace: Path | None, flags: dict, skip_optional: bool) -> sandbox.Instance:
-    ws = workspace or Path.cwd()
-    if not ws.is_dir():
+    ws = workspace or sandbox.default_workspace()
+    seed_layout = workspace is None and ws.name == sandbox.SEED_WORKSPACE and not ws.exists()
+    if not seed_layout and not ws.is_dir():
         raise UsageError(f"workspace {ws} does not exist or is not a directory")
     settings = config.load(flags, prepare_settings(ws))
+    if seed_layout:
+        ws.mkdir(mode=0o755)  # the seed's ./workspace/ beside ./ai and ./.env, made once the settings are good
     given = frozenset(k for k, v in flags.items() if v is not None)
     inst, spec = sandbox.create(sandbox.Options(name, ws, settings, skip_optional, given))
     ui.show_progress()
@@ -68,7 +71,7 @@ def start(
 
 def default() -> None:
     """The bare `ai`: build if needed, start if needed, attach."""
-    prepare_settings(Path.cwd())
+    prepare_settings(sandbox.default_workspace())
     inst = sandbox.resolve(None)
     if not inst.exists() or sandbox.status(inst).state.value != "running":
         inst = _start(None, None, {}, False)
