@@ -1,5 +1,5 @@
 """`ai build inject-only|host-only` on the real minimal image re-run exactly their stages (clean and inner-only
-are checked over stand-in builders in tests/unit/test_build_verbs.py (a test file name is unique across tiers): they cost a full rebuild here)."""
+are checked over stand-in builders in tests/unit/test_build_verbs.py: they cost a full rebuild here)."""
 
 from __future__ import annotations
 
