@@ -174,7 +174,32 @@ def test_a_hostile_image_writes_nothing_outside_and_keeps_the_legitimate_changes
     # the summary prints the names escaped, on one line
     assert "\0" not in report.summary() and "\n" not in report.summary()
     nul = SyncReport(skipped=[(os.fsdecode(EVIL_NUL), "why"), ("a\x1b[31m[b]\nc", "why")]).summary()
-    assert "nul\\x00byte" in nul and "a\\x1b\\[31m\\[b]\\nc" in nul
+    assert "nul\\x00byte" in nul and "a\\x1b[31m[b]\\nc" in nul
+
+
+@pytest.mark.parametrize("name", ["a\\[link=https://evil.example/]click-me", "c\\[bold red]PWNED", "b\\[/]",
+                                  "[/]", "x\x1b]8;;https://evil.example/\x1b\\y", "z\x9b31m"])
+def test_a_skipped_guest_name_reaches_the_terminal_literally(name: str) -> None:
+    # What `ai stop` prints: the summary through the CLI's step printer (rich), as a user's terminal gets it.
+    from rich.console import Console
+
+    from ai_sandbox import progress
+    from ai_sandbox.cli import ui
+
+    console = Console(record=True, force_terminal=True, width=400)
+    old, ui.err = ui.err, console
+    printer = ui.show_progress()
+    try:
+        progress.info(f"workspace synced back: {SyncReport(skipped=[(name, 'fifo')]).summary()}")
+    finally:
+        progress.unlisten(printer)
+        ui.err = old
+    shown = console.export_text(styles=False)
+    raw = console.export_text(styles=True)
+    assert "\x1b]8" not in raw and "\x9b" not in raw  # no hyperlink, no raw CSI from the name
+    assert "PWNED" not in name or "\x1b[1;31mPWNED" not in raw
+    printable = "".join(c for c in name if c.isprintable())
+    assert printable.replace("\x1b", "") in shown.replace("\n", "") or name.startswith(("x", "z"))
 
 
 def test_hard_links_stay_links_and_sparse_files_stay_sparse(hostile: dict) -> None:

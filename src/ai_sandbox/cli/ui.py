@@ -51,6 +51,7 @@ class StepPrinter:
         self._status = None
 
     def __call__(self, event: str, title: str, seconds: float) -> None:
+        title = safe_text(title)  # the core's words are plain text and may quote guest names: never markup
         if event == "start":
             self._stop()
             self._status = err.status(f"{title} …")

@@ -75,9 +75,10 @@ class SyncReport:
 
 
 def _shown(text: str) -> str:
-    """A guest name safe to print on one line: control characters, undecodable bytes and markup escaped."""
+    """A guest name on one line: control characters and undecodable bytes shown as escapes (the CLI escapes
+    markup when it prints, for every message alike)."""
     text = text.encode("utf-8", "backslashreplace").decode("utf-8")
-    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in text).replace("[", "\\[")
+    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
 
 
 # -- manifests ------------------------------------------------------------------------------------------------------
