@@ -317,13 +317,15 @@ def _stop_parts(inst: Instance, spec: Spec, timeout: float = 30) -> None:
     proxy_up.stop(inst)
     hostagent_up.stop(inst)
     virtiofs.stop(inst.path(Files.FS_SOCK), inst.path(Files.FS_PID))
-    if spec.share == "copy":
-        report = sharing.copy_out(inst, spec)
-        if report is not None:
-            progress.info(f"workspace synced back: {report.summary()}")
-            for path, kept in report.conflicts:
-                progress.info(f"conflict: {path} changed on both sides; the guest's version is {kept}")
-    net.down(inst.name)
+    try:
+        if spec.share == "copy":
+            report = sharing.copy_out(inst, spec)
+            if report is not None:
+                progress.info(f"workspace synced back: {report.summary()}")
+                for path, kept in report.conflicts:
+                    progress.info(f"conflict: {path} changed on both sides; the guest's version is {kept}")
+    finally:  # a failed sync-back (it keeps the guest's image) never leaves the network behind
+        net.down(inst.name)
 
 
 def stop(inst: Instance, timeout: float = 30) -> None:
