@@ -359,6 +359,15 @@ async def _moved_dir(sftp: asyncssh.SFTPClient, t: Tree) -> object:
     return await read(sftp, "b/l")
 
 
+@escape("link aimed out later by swapping a directory on its way for a link", changes_ws=True)
+async def _reaimed_link(sftp: asyncssh.SFTPClient, t: Tree) -> object:
+    await sftp.makedirs("d/up")
+    await sftp.symlink("up/../outside/secret.txt", "d/l")  # means d/outside/secret.txt while d/up is a directory
+    await sftp.rmdir("d/up")
+    await sftp.symlink("..", "d/up")  # now d/l means ../outside/secret.txt: beside the workspace, for host tools
+    return await sftp.readlink("d/l")  # had the link been made, this succeeds and the attempt counts as done
+
+
 @pytest.mark.unit
 @pytest.mark.parametrize("mode", CLIENTS)
 @pytest.mark.parametrize("name", ESCAPES)

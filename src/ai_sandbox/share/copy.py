@@ -21,6 +21,7 @@ from typing import Literal
 
 from ai_sandbox import runner
 from ai_sandbox.errors import CommandError, SandboxError
+from ai_sandbox.share.links import link_stays_inside  # noqa: F401  (copy mode's rule, also the sftp share's)
 
 IMAGE_LABEL = "aisbx-ws"
 CONFLICT_TAG = ".guest-conflict-"
@@ -272,24 +273,6 @@ def _checked(rel: str) -> PurePosixPath:
     if not parts or rel.startswith("/") or any(p in ("", ".", "..") or "\0" in p for p in parts):
         raise _Unsafe("not a plain relative path")
     return PurePosixPath(rel)
-
-
-def link_stays_inside(target: str, depth: int) -> bool:
-    """A symlink `depth` directories below the workspace root resolves inside it, whatever the other links are.
-
-    Only a leading run of `..` is allowed, no deeper than the link itself: a `..` after a name could climb out of
-    a directory that is itself a link (`x -> .`, then `x/../..`), and an absolute target leaves at once.
-    """
-    if not target or target.startswith("/") or "\0" in target:
-        return False
-    parts = [p for p in target.split("/") if p not in ("", ".")]
-    ups = 0
-    for i, part in enumerate(parts):
-        if part == "..":
-            if i != ups:
-                return False
-            ups += 1
-    return ups <= depth
 
 
 def _dir_fd(root_fd: int, rel: PurePosixPath, create: bool) -> int:

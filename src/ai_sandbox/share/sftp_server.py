@@ -22,6 +22,8 @@ from typing import Any
 import asyncssh
 from asyncssh import SFTPAttrs, SFTPPermissionDenied
 
+from ai_sandbox.share.links import link_stays_inside
+
 log = logging.getLogger(__name__)
 
 # Guest-created set-id bits would give whoever runs the file the host user's identity; never store them.
@@ -190,6 +192,12 @@ class ConfinedSFTPServer(asyncssh.SFTPServer):
         if target.startswith(b"/"):
             # An absolute target means different files on host and guest; refuse rather than guess.
             raise SFTPPermissionDenied("absolute symlink targets are not allowed in the workspace")
+        rel = posixpath.relpath(local_dir, self._root)
+        depth = 0 if rel == b"." else len(rel.split(b"/"))
+        # Lexical and real-path checks hold only at creation: the directories on the way can be swapped for links
+        # later (`up/../x` once `up` becomes `..`). Only a leading run of `..`, no deeper than the link, stays in.
+        if not link_stays_inside(os.fsdecode(target), depth):
+            raise SFTPPermissionDenied("a workspace symlink may only climb with leading '..', and not above the root")
         joined = posixpath.join(local_dir, target)
         for candidate in (posixpath.normpath(joined), os.path.realpath(joined)):
             self._require_inside(candidate, target)
