@@ -723,3 +723,44 @@ def test_a_link_pointing_out_is_used_only_as_a_link(mode: str, tree: Tree) -> No
     assert not os.path.lexists(tree.ws / "renamed_link") and not os.path.lexists(tree.ws / "hard")
     assert secret.read_text() == "TOP SECRET\n"
     assert snapshot(tree.base, skip=tree.ws) == before
+
+
+@pytest.mark.unit
+def test_share_daemon_survives_a_mount_the_guest_made_fail(monkeypatch, tmp_path, capsys) -> None:
+    from ai_sandbox.errors import CommandError
+    from ai_sandbox.share import daemon
+
+    class Conn:
+        def is_closed(self) -> bool:
+            return False
+
+        def set_keepalive(self, **kw: object) -> None:
+            pass
+
+        def close(self) -> None:
+            pass
+
+    class Share:
+        calls = 0
+
+        def __init__(self, *a: object, **kw: object) -> None:
+            pass
+
+        async def ensure(self, conn: object) -> bool:
+            Share.calls += 1
+            if Share.calls == 1:
+                raise CommandError(["sshfs"], 1, "fuse: \x1b[31mbad mount\x1b[0m", "sshfs failed")
+            stop.set()
+            return True
+
+        async def stop(self) -> None:
+            pass
+
+    async def connect() -> Conn:
+        return Conn()
+
+    monkeypatch.setattr(daemon, "SftpShare", Share)
+    stop = asyncio.Event()
+    asyncio.run(daemon.serve(connect, tmp_path, 0, 0, stop))
+    out = capsys.readouterr().out
+    assert "retrying" in out and daemon.READY in out and "\x1b" not in out

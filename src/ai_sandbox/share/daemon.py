@@ -17,6 +17,7 @@ from pathlib import Path
 
 import asyncssh
 
+from ai_sandbox.errors import SandboxError
 from ai_sandbox.session import ssh
 from ai_sandbox.share import owner
 from ai_sandbox.share.sftp import SftpShare
@@ -50,8 +51,11 @@ async def serve(connect: Connect, workspace: Path, uid: int, gid: int, stop: asy
                 if await share.ensure(conn) or not announced:
                     print(READY if not announced else "ai-sandbox-share: re-mounted", flush=True)
                     announced = True
-            except (TimeoutError, OSError, asyncssh.Error) as e:
-                print(f"ai-sandbox-share: {type(e).__name__}: {e}; retrying", flush=True)
+            except (TimeoutError, OSError, asyncssh.Error, SandboxError) as e:
+                # A failed mount in the guest (sshfs exits: the guest can make it fail) is retried, not fatal;
+                # its words are the guest's: one line, printable characters only.
+                said = "".join(c if c.isprintable() else "?" for c in str(e))[:500]
+                print(f"ai-sandbox-share: {type(e).__name__}: {said}; retrying", flush=True)
                 conn = None
             with contextlib.suppress(asyncio.TimeoutError):
                 await asyncio.wait_for(stop.wait(), 2)
