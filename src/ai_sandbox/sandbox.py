@@ -20,7 +20,7 @@ from ai_sandbox.image.disk import make_ext4
 from ai_sandbox.net import policy
 from ai_sandbox.session import ssh
 from ai_sandbox.share import sharing, virtiofs
-from ai_sandbox.state import Files, Instance, Spec, instances, name_for_workspace
+from ai_sandbox.state import Files, Instance, Spec, instances, name_for_workspace, remember_shared, shared_history
 from ai_sandbox.vmm import drivers, process
 from ai_sandbox.vmm.base import DirShare, Disk, MachineSpec, NetDevice, State, Status
 
@@ -126,6 +126,7 @@ def settings_sources(workspace: Path | None = None) -> config.Sources:
     trusted = config.Sources(tuple(f for f in first.files if f != Path.cwd() / config.ENV_FILE))
     known: list[Path] = []
     for root in {paths.state_dir(s.path_values()) for s in (first, trusted)}:
+        known += shared_history(root)  # removed sandboxes' workspaces too: what the guest planted there stays
         for other in instances(root):
             with contextlib.suppress(SandboxError, ValueError, OSError):
                 known.append(Path(other.load().workspace))
@@ -255,6 +256,7 @@ def start(inst: Instance, spec: Spec, settings: Settings, skip_optional: bool = 
             user_key, host_key = _prepare(inst, spec)
             cfg = _network(inst, spec, settings)
             inst.save(spec)
+            remember_shared(Path(spec.workspace), inst.dir.parent)  # kept even if this start fails: it may have run
             t = target(inst, spec)
             ssh.write_known_hosts(t, host_key[1])
             inst.path(Files.SSH_CONFIG).write_text(ssh.render_config(t))

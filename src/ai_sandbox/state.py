@@ -133,3 +133,25 @@ def instances(root: Path | None = None) -> list[Instance]:
     if not base.is_dir():
         return []
     return [Instance(p.name, base) for p in sorted(base.iterdir()) if (p / Files.SPEC).is_file() and _NAME.match(p.name)]
+
+
+HISTORY = "shared-workspaces"  # in the state directory: every directory a sandbox there ever shared
+
+
+def remember_shared(workspace: Path, root: Path | None = None) -> None:
+    """Note a workspace for good (it outlives `ai rm`): a .env the guest planted there stays untrusted."""
+    base = root or paths.state_dir()
+    base.mkdir(parents=True, exist_ok=True, mode=0o700)
+    ws = workspace.resolve()
+    if ws not in shared_history(base):
+        with (base / HISTORY).open("a") as f:
+            f.write(f"{ws}\n")
+
+
+def shared_history(root: Path | None = None) -> list[Path]:
+    """The directories ever shared by sandboxes of this state directory (see `remember_shared`)."""
+    f = (root or paths.state_dir()) / HISTORY
+    try:
+        return [Path(ln) for ln in f.read_text().splitlines() if ln.startswith("/")]
+    except (FileNotFoundError, NotADirectoryError):
+        return []
