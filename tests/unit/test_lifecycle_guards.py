@@ -121,14 +121,44 @@ def test_console_tail_starts_at_a_whole_line(existing, monkeypatch):
     assert sandbox.console_tail(inst).startswith("line two\n")
 
 
-def test_virtiofsd_maps_ids_only_when_the_owner_differs(tmp_path, monkeypatch):
+def test_virtiofsd_as_root_is_the_owner_in_a_namespace_of_one_id(tmp_path, monkeypatch):
     monkeypatch.setattr(virtiofs, "binary", lambda: "/usr/libexec/virtiofsd")
-    plain = virtiofs.argv(tmp_path, tmp_path / "s", (1001, 1002), (1001, 1002))
-    assert plain[0] == "/usr/libexec/virtiofsd"  # behind sudo: the guest user's ids are the user's own
-    mapped = virtiofs.argv(tmp_path, tmp_path / "s", (1000, 1000), (0, 0))  # root's own workspace
-    assert mapped[:5] == ["unshare", "--user", "--map-users=0,1000,1", "--map-groups=0,1000,1", "--keep-caps"]
-    other = virtiofs.argv(tmp_path, tmp_path / "s", (1000, 1005), (1001, 1002))
-    assert "--map-groups=1002,1005,1" in other  # the gid maps to the gid, not to the uid
+    sudo = virtiofs.argv(tmp_path, (1001, 1002), (1001, 1002), fd=7)  # behind sudo: never host root
+    assert sudo[:11] == ["setpriv", "--reuid=1001", "--regid=1002", "--clear-groups", "--", "unshare", "--user",
+                         "--map-user=1001", "--map-group=1002", "--keep-caps", "--"]
+    assert sudo[11] == "/usr/libexec/virtiofsd" and sudo[-1] == "--fd=7" and "xattr" not in sudo
+    assert not any(a.startswith("--socket-path") or a.startswith("--map-users") for a in sudo)
+    rooted = virtiofs.argv(tmp_path, (1000, 1000), (0, 0), fd=7)  # root's own workspace: root, guest user 1000
+    assert rooted[:8] == ["setpriv", "--clear-groups", "--", "unshare", "--user", "--map-user=1000",
+                          "--map-group=1000", "--keep-caps"]
+    other = virtiofs.argv(tmp_path, (1000, 1005), (1001, 1002), fd=7)
+    assert "--regid=1002" in other and "--map-group=1005" in other  # the gid maps to the gid, not to the uid
+    for cmd in (sudo, rooted, other):
+        opts = [cmd[i + 1] for i, a in enumerate(cmd) if a == "-o"]
+        assert "modcaps=-mknod:-setfcap:-fsetid" in opts
+        rules = next(o for o in opts if o.startswith("xattrmap=")).removeprefix("xattrmap=")
+        assert ":bad:all:security.:" in rules and rules.index("security.capability") < rules.index(":ok:all:::")
+
+
+def test_virtiofsd_unprivileged_binds_its_own_socket(tmp_path, monkeypatch):
+    monkeypatch.setattr(virtiofs, "binary", lambda: "/usr/libexec/virtiofsd")
+    cmd = virtiofs.argv(tmp_path, (1001, 1002), (1001, 1002), socket=tmp_path / "s")
+    assert cmd[0] == "/usr/libexec/virtiofsd" and cmd[-1] == f"--socket-path={tmp_path / 's'}"
+
+
+def test_virtiofsd_stop_knows_its_daemon_by_the_env_mark(tmp_path):
+    sock, pid_file = tmp_path / "fs.sock", tmp_path / "fs.pid"
+    for mark, killed in ((tmp_path / "other.sock", False), (sock, True)):
+        proc = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"],
+                                env={**os.environ, virtiofs.MARK: str(mark)})
+        try:
+            pid_file.write_text(f"{proc.pid}\n")
+            virtiofs.stop(sock, pid_file)
+            assert (proc.wait(timeout=5) is not None) if killed else proc.poll() is None
+            assert not pid_file.exists()
+        finally:
+            proc.kill()
+            proc.wait()
 
 
 def test_files_owner_behind_sudo(tmp_path, monkeypatch):
@@ -137,3 +167,6 @@ def test_files_owner_behind_sudo(tmp_path, monkeypatch):
     assert owner.files_owner(tmp_path, (1001, 1002)) == (1001, 1002)
     monkeypatch.setattr(os, "stat", lambda p: os.stat_result((0o40755, 0, 0, 1, 0, 0, 0, 0, 0, 0)))
     assert owner.files_owner(tmp_path, (1000, 1000)) == (0, 0)
+    # root without sudo in another user's directory: that user's, whom virtiofsd then runs as
+    monkeypatch.setattr(os, "stat", lambda p: os.stat_result((0o40755, 0, 0, 1, 1005, 1006, 0, 0, 0, 0)))
+    assert owner.files_owner(tmp_path, (1000, 1000)) == (1005, 1006)
