@@ -27,7 +27,7 @@ from collections.abc import Awaitable, Callable, Iterator, Mapping
 from pathlib import Path
 from urllib.parse import urlsplit
 
-from ai_sandbox.proxy import ProxyConfig
+from ai_sandbox.proxy import ProxyConfig, tunnel
 from ai_sandbox.proxy.broker import Broker
 from ai_sandbox.proxy.ca import LeafCache, load_or_create, sni_of
 from ai_sandbox.proxy.honey import Pauser
@@ -35,7 +35,7 @@ from ai_sandbox.proxy.log import ALLOW, DENY, RequestLog
 from ai_sandbox.proxy.relay import CONNECT_TIMEOUT, Failed, Relay, Target, Upstream, inner_target, open_upstream
 from ai_sandbox.proxy.rules import Policy, PolicyFile, ip_literal, normalize_host, parse_networks
 from ai_sandbox.proxy.scrub import Hit, Scanner
-from ai_sandbox.proxy.sni import BadHello, read_client_hello
+from ai_sandbox.proxy.sni import BadHello
 from ai_sandbox.proxy.wire import BadMessage, Head, error_response, pipe, read_head, request_framing, split_authority
 
 log = logging.getLogger(__name__)
@@ -159,10 +159,10 @@ class ProxyServer:
         writer.write(error_response(e.status, e.reason))
 
     def _watch(self, head: Head) -> None:
-        """Raises Hit when the request line or a header carries a honeytoken."""
+        """Raises Hit when the request line or a header (name or value) carries a honeytoken."""
         if self.honey:
-            for text in (head.first[1], *(v for _, v in head.headers)):
-                name = self.honey.find_text(text)
+            for text in (head.first[1], *(p for h in head.headers for p in h)):
+                name = self.honey.detect_text(text)
                 if name:
                     raise Hit(name)
 
@@ -237,24 +237,22 @@ class ProxyServer:
     async def _tunnel(
         self, target: Target, why: str, upstream: Upstream, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
     ) -> None:
-        """A blind tunnel, once the guest's ClientHello names the CONNECT host."""
+        """A blind tunnel, once the guest's ClientHello (and its second one, after a HelloRetryRequest) names the
+        CONNECT host and hides no other name (see tunnel.py)."""
+        stage = "refused"
         try:
-            hello, sni = await read_client_hello(reader, TLS_TIMEOUT)
-            if sni is None:
-                raise BadHello("the ClientHello names no server")
-            if normalize_host(sni) != target.host:
-                raise BadHello(f"TLS server name {sni[:100]} differs from the CONNECT target")
-            if self.honey and self.honey.find(hello):
-                raise Hit(self.honey.find(hello) or "")
+            hello = await tunnel.first_hello(reader, target.host, self.honey, TLS_TIMEOUT)
+            self.log.record("CONNECT", target.host, target.port, ALLOW, f"tunnel; {why}", 200)
+            upstream.writer.write(hello)
+            stage = "cut"
+            await tunnel.follow_retry(reader, writer, upstream, target.host, self.honey, TLS_TIMEOUT)
         except (BadHello, EOFError, TimeoutError) as e:
-            reason = str(e) if isinstance(e, BadHello) else "no ClientHello"
-            self.log.record("CONNECT", target.host, target.port, DENY, f"tunnel refused: {reason}", 0)
+            reason = str(e) or "no TLS handshake in time"  # EOFError and BadHello say what was missing or wrong
+            self.log.record("CONNECT", target.host, target.port, DENY, f"tunnel {stage}: {reason}", 0)
             return
         except Hit as hit:
             hit.answered = True
             return self._alert(writer, "CONNECT", target.host, target.port, hit)
-        self.log.record("CONNECT", target.host, target.port, ALLOW, f"tunnel; {why}", 200)
-        upstream.writer.write(hello)
         await pipe(reader, writer, upstream.reader, upstream.writer)
 
     async def _intercept(
