@@ -107,6 +107,20 @@ class _Handler(BaseHTTPRequestHandler):
                 self.wfile.flush()
             self.wfile.write(b"0\r\n\r\n")
             return
+        if self.path.startswith("/header-name/"):  # a header named after the request's x-api-key, and a trailer too
+            name = (self.headers.get("x-api-key") or "none") + self.path.removeprefix("/header-name/")
+            self.send_response(200)
+            self.send_header("Transfer-Encoding", "chunked")
+            self.send_header(name, "1")
+            self.end_headers()
+            self.wfile.write(b"2\r\nok\r\n0\r\n" + name.encode() + b": 2\r\n\r\n")
+            return
+        if self.path.startswith("/te/"):  # a body in the transfer codings the path names (only chunked is applied)
+            self.send_response(200)
+            self.send_header("Transfer-Encoding", self.path.removeprefix("/te/").replace("+", ", "))
+            self.end_headers()
+            self.wfile.write(b"2\r\nok\r\n0\r\n\r\n")
+            return
         if self.path == "/gzip":
             return self._send(200, b"\x1f\x8b compressed", {"Content-Encoding": "gzip"})
         if self.path == "/until-close":
@@ -116,10 +130,10 @@ class _Handler(BaseHTTPRequestHandler):
             self.wfile.write(b"the end is the close")
             self.close_connection = True
             return
-        if self.path == "/upgrade":
+        if self.path.startswith("/upgrade"):  # /upgrade: to WebSocket; /upgrade/P: to protocol P
             self.send_response(101)
             self.send_header("Connection", "Upgrade")
-            self.send_header("Upgrade", "echo")
+            self.send_header("Upgrade", self.path.removeprefix("/upgrade").lstrip("/") or "websocket")
             self.end_headers()
             self.wfile.flush()
             while line := self.rfile.readline():

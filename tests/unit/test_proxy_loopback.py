@@ -306,11 +306,12 @@ def test_a_response_that_ends_with_the_connection(rig):
 def test_an_upgrade_turns_the_intercepted_connection_into_a_pipe(rig):
     with _tls_through_proxy(rig, API, API) as tls:
         host = f"{API}:{rig.up.port(API)}"
-        tls.sendall(f"GET /upgrade HTTP/1.1\r\nHost: {host}\r\nConnection: Upgrade\r\nUpgrade: echo\r\n\r\n".encode())
+        tls.sendall(f"GET /upgrade HTTP/1.1\r\nHost: {host}\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n\r\n"
+                    .encode())  # fmt: skip
         head = b""
         while b"\r\n\r\n" not in head:
             head += tls.recv(1)
-        assert head.startswith(b"HTTP/1.1 101") and b"Upgrade: echo" in head
+        assert head.startswith(b"HTTP/1.1 101") and b"Upgrade: websocket" in head
         tls.sendall(b"ping\n")
         assert tls.recv(100) == b"echo: ping\n"
 

@@ -96,6 +96,8 @@ class Relay:
         """One request and its response; returns the upstream connection to reuse (if any) and whether to go on."""
         method, framing = head.first[0], request_framing(head)
         upgrade = target.tls and "upgrade" in (v.lower() for v in head.values("connection"))
+        if upgrade and not _websocket(head):
+            raise Failed(400, "only an upgrade to WebSocket is allowed")
         headers = end_to_end(headers, ("connection", "upgrade") if upgrade else ())
         if any(k.lower() == "expect" and v.lower() == "100-continue" for k, v in headers):
             # The guest waits for this before sending its body; we stream the body as it comes either way.
@@ -104,7 +106,8 @@ class Relay:
         used: list[str] = []
         if target.tls:
             # A compressed response could not be masked: ask for none (and refuse one that comes anyway, below).
-            headers = [h for h in headers if h[0].lower() not in ("accept-encoding", "sec-websocket-extensions")]
+            # A range of a response could split an echoed key in two, each part too short to be recognised.
+            headers = [h for h in headers if h[0].lower() not in _DROPPED_WHEN_INTERCEPTED]
             headers.append(("Accept-Encoding", "identity"))
             headers, path, used = self.broker.apply(headers, path, target.host)
         else:
@@ -113,8 +116,8 @@ class Relay:
         upstream, response = await self._exchange(request, reader, framing, target, upstream)
         try:
             framing_up = response_framing(response, method)
-            if target.tls and self.keys and _compressed(response):
-                raise Failed(502, "upstream sent a compressed response, which cannot be checked for keys", ALLOW)
+            if target.tls:
+                _checkable(response, upgrade)
         except (BadMessage, Failed):
             upstream.close()
             raise
@@ -125,7 +128,7 @@ class Relay:
         keep = not upgraded and framing_up != UNTIL_CLOSE and not head.wants_close()
         out = end_to_end(response.headers, ("connection", "upgrade") if upgraded else ())
         if mask is not None:
-            out = [(k, mask.text(v)) for k, v in out]
+            out = [(mask.text(k), mask.text(v)) for k, v in out]
         if not keep and not upgraded:
             out.append(("Connection", "close"))
         if status == 101 and not upgraded:
@@ -182,8 +185,23 @@ class Relay:
         return self.honey.watcher() if self.honey else None
 
 
-def _compressed(response: Head) -> bool:
-    return any(c.lower() != "identity" for c in response.values("content-encoding"))
+_DROPPED_WHEN_INTERCEPTED = ("accept-encoding", "sec-websocket-extensions", "range", "if-range", "te")
+
+
+def _websocket(head: Head) -> bool:
+    return [v.lower() for v in head.values("upgrade")] == ["websocket"]
+
+
+def _checkable(response: Head, upgrade: bool) -> None:
+    """Refuses (502) an intercepted response whose body could hide a key from masking: compressed, in a transfer
+    coding other than plain chunked, or switched to another protocol than the WebSocket that was asked for."""
+    if any(c.lower() != "identity" for c in response.values("content-encoding")):
+        raise Failed(502, "upstream sent a compressed response, which cannot be checked for keys", ALLOW)
+    codings = [c.lower() for c in response.values("transfer-encoding")]
+    if codings and codings != ["chunked"]:
+        raise Failed(502, "upstream sent a transfer coding other than chunked, which cannot be checked", ALLOW)
+    if upgrade and response.first[1] == "101" and not _websocket(response):
+        raise Failed(502, "upstream switched to another protocol than WebSocket", ALLOW)
 
 
 def inner_target(head: Head, target: Target) -> str:

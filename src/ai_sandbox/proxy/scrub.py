@@ -2,9 +2,14 @@
 (masked), the sandbox's honeytokens on the way out (a hit stops the request).
 
 A secret is looked for in the forms a server or a client would write it in: raw, URL-encoded (upper and lower case
-hex, `+` for space), JSON-escaped, and base64 / base64url at each of the three byte alignments. The base64 forms
-are the characters that depend on the secret alone, so they are found inside any larger encoding, such as
-`Authorization: Basic base64(user:key)` whatever the user name is.
+hex, `+` for space), every byte percent-encoded, hex, JSON-escaped (also every character as `\\uXXXX`), and
+base64 / base64url at each of the three byte alignments. The base64 forms are the characters that depend on the
+secret alone, so they are found inside any larger encoding, such as `Authorization: Basic base64(user:key)`
+whatever the user name is.
+
+Masking (the real keys, in what comes back) replaces these forms exactly. Watching (honeytokens, in what goes out)
+also normalises first: percent-decoded up to twice and case-folded, so `%2541KIA…` or `akia…` are found too. It is
+a tripwire, not a guarantee: a token split in two, encrypted or compressed passes unseen.
 
 Streams keep back the end of each piece that could be the start of a form (at most `longest form - 1` bytes) until
 the next piece arrives, so a form split across chunk boundaries is still found while anything else passes at once
@@ -14,12 +19,14 @@ the next piece arrives, so a form split across chunk boundaries is still found w
 from __future__ import annotations
 
 import base64
+import binascii
 import json
 import re
 from collections.abc import Iterable
-from urllib.parse import quote, quote_plus
+from urllib.parse import quote, quote_plus, unquote_to_bytes
 
 MIN_CORE = 8  # shorter base64 cores of a short secret would match by chance
+DECODE_ROUNDS = 2  # a honeytoken is also found percent-encoded once or twice more than its forms
 
 
 class Hit(Exception):
@@ -49,6 +56,12 @@ def forms(secret: str) -> set[bytes]:
     found = {raw, quoted.encode(), lower_hex.encode(), quote_plus(secret).encode()}
     escaped = json.dumps(secret)[1:-1]
     found |= {escaped.encode(), escaped.replace("/", "\\/").encode()}
+    hexed = binascii.hexlify(raw)
+    every = b"".join(b"%%%02x" % b for b in raw)
+    found |= {hexed, hexed.upper(), every, every.upper()}
+    if secret.isascii():
+        unicode = b"".join(b"\\u%04x" % b for b in raw)
+        found |= {unicode, unicode.upper().replace(b"\\U", b"\\u")}
     return {f for f in found | _base64_cores(raw) if f}
 
 
@@ -66,6 +79,10 @@ class Scanner:
         self._masks = [b"*" * len(f) for f in self._ordered]
         ordered = self._ordered
         self.longest = len(ordered[0]) if ordered else 0
+        self._folded: dict[bytes, str] = {}
+        for form in ordered:
+            self._folded.setdefault(form.lower(), self._names[form])
+        self.window = self.longest * 5  # the longest form percent-encoded twice: each byte became %25XX
         self._prefixes: list[set[bytes]] = [set() for _ in range(self.longest)]  # [k]: every form's first k bytes
         for form in ordered:
             for k in range(1, len(form)):
@@ -94,8 +111,24 @@ class Scanner:
                 data = data.replace(form, stars)
         return data
 
+    def detect(self, data: bytes) -> str | None:
+        """The name of a secret found in `data` as it is or percent-decoded (up to DECODE_ROUNDS times), in any
+        letter case; or None. For watching, where nothing is changed, only refused."""
+        for _ in range(DECODE_ROUNDS + 1):
+            folded = data.lower()
+            for form, name in self._folded.items():
+                if form in folded:
+                    return name
+            if b"%" not in data:
+                break
+            data = unquote_to_bytes(data)
+        return None
+
     def find_text(self, text: str) -> str | None:
         return self.find(text.encode("latin-1", "replace"))
+
+    def detect_text(self, text: str) -> str | None:
+        return self.detect(text.encode("latin-1", "replace"))
 
     def mask_text(self, text: str) -> str:
         if not self._ordered:
@@ -115,13 +148,21 @@ class Stream:
     def __init__(self, scanner: Scanner, watch: bool) -> None:
         self.scanner, self.watch = scanner, watch
         self._tail = b""
+        self._seen = b""  # watching: the end of what passed, so that an encoded form split across pieces is found
 
     def feed(self, data: bytes) -> bytes:
         """What may be passed on now; the end that could begin a form stays behind until the next piece or flush()."""
         buf = self._tail + data if self._tail else data
-        buf = self._check(buf)
+        if self.watch:
+            name = self.scanner.detect(self._seen + buf)
+            if name:
+                raise Hit(name)
+        else:
+            buf = self.scanner.mask(buf)
         cut = len(buf) - self.scanner.held(buf)
         self._tail = buf[cut:]
+        if self.watch:
+            self._seen = (self._seen + buf[:cut])[-self.scanner.window :] if self.scanner.window else b""
         return buf[:cut]
 
     def flush(self) -> bytes:
@@ -132,19 +173,11 @@ class Stream:
     def text(self, value: str) -> str:
         """A header or trailer value, whole."""
         if self.watch:
-            name = self.scanner.find_text(value)
+            name = self.scanner.detect_text(value)
             if name:
                 raise Hit(name)
             return value
         return self.scanner.mask_text(value)
-
-    def _check(self, buf: bytes) -> bytes:
-        if self.watch:
-            name = self.scanner.find(buf)
-            if name:
-                raise Hit(name)
-            return buf
-        return self.scanner.mask(buf)
 
 
 def scanner_of(secrets: Iterable[tuple[str, str]]) -> Scanner:

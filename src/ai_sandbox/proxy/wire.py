@@ -228,7 +228,9 @@ async def copy_chunked(
                 await writer.drain()
                 return
             name, value = parse_header(line, status)
-            writer.write(f"{name}: {flt.text(value) if flt else value}\r\n".encode("latin-1"))
+            if flt:
+                name, value = flt.text(name), flt.text(value)
+            writer.write(f"{name}: {value}\r\n".encode("latin-1"))
         raise BadMessage("too many trailers", status)
     except (EOFError, asyncio.IncompleteReadError):
         raise BadMessage("chunked body ended early", status) from None
