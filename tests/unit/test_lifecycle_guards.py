@@ -137,7 +137,8 @@ def test_virtiofsd_as_root_is_the_owner_in_a_namespace_of_one_id(tmp_path, monke
         opts = [cmd[i + 1] for i, a in enumerate(cmd) if a == "-o"]
         assert "modcaps=-mknod:-setfcap:-fsetid" in opts
         rules = next(o for o in opts if o.startswith("xattrmap=")).removeprefix("xattrmap=")
-        assert ":bad:all:security.:" in rules and rules.index("security.capability") < rules.index(":ok:all:::")
+        assert rules.index(":bad:all:security.:") < rules.index(":ok:all:::")  # first match wins
+        assert ":ok:client:security.capability::" in rules  # renamed, it breaks chown (see XATTRMAP)
 
 
 def test_virtiofsd_unprivileged_binds_its_own_socket(tmp_path, monkeypatch):

@@ -25,10 +25,12 @@ from ai_sandbox.vmm import process
 
 CANDIDATES = ("/usr/libexec/virtiofsd", "/usr/lib/qemu/virtiofsd")
 TAG = "workspace"
-# First matching rule wins; every name must match one. virtiofsd refuses to start unless `security.capability`
-# maps to a name it can remove on write/chown (killpriv), so it becomes an inert user xattr on the host (no
-# kernel meaning there); every other `security.` name is refused (EPERM) and hidden; the rest pass unchanged.
-XATTRMAP = ":prefix:client:security.capability:user.virtiofs.::bad:all:security.:::ok:all:::"
+# First matching rule wins; every name must match one. Guests' `security.` names are refused (EPERM) and the
+# host's hidden, except that `security.capability` must map to itself: virtiofsd will not start if it cannot
+# map it, and a renamed one makes every path-based chown fail (it then removes the renamed xattr through an O_PATH
+# fd: EBADF). Setting the real one stays impossible: no setfcap (MODCAPS), and a file capability written from a
+# user namespace names that namespace's root, which is unmapped (EINVAL).
+XATTRMAP = ":ok:client:security.capability:::bad:all:security.:::ok:all:::"
 MODCAPS = "-mknod:-setfcap:-fsetid"  # from virtiofsd's default set (chown, dac_override, fowner, setuid/gid, ...)
 MARK = "AI_SANDBOX_VIRTIOFS"  # env var naming the socket: with --fd, virtiofsd's argv has no path to know it by
 READY = b"Waiting for vhost-user socket connection"
