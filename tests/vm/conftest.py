@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import pwd
 import subprocess
 import sys
 import time
@@ -68,12 +69,29 @@ class Ai:
         return subprocess.run(["ip", "netns", "exec", self.topo.host.name, *argv], capture_output=True, text=True,
                               check=True).stdout
 
+    def as_sudo(self, user: pwd.struct_passwd, *args: str, **kw) -> subprocess.CompletedProcess[str]:
+        """`ai` as `sudo ./ai` run by `user` starts it: root, with that user's SUDO_UID/SUDO_GID/SUDO_USER."""
+        sudo = {"SUDO_UID": str(user.pw_uid), "SUDO_GID": str(user.pw_gid), "SUDO_USER": user.pw_name,
+                "SUDO_COMMAND": AI}
+        return Ai(self.topo, self.state, {**self.env, **sudo})(*args, **kw)
+
 
 @pytest.fixture(scope="module")
 def ai(topo, state_dir) -> Ai:
     runner = Ai(topo, state_dir)
     yield runner
     runner("stop", "--all", check=False)
+
+
+@pytest.fixture(scope="module")
+def sudo_user() -> pwd.struct_passwd:
+    """A real unprivileged user (no home, no login shell) standing behind `sudo ./ai`; removed after the module."""
+    name = f"aisbt{os.getpid() % 100000}"
+    subprocess.run(["useradd", "--no-create-home", "--shell", "/usr/sbin/nologin", name], check=True)
+    try:
+        yield pwd.getpwnam(name)
+    finally:
+        subprocess.run(["userdel", name], capture_output=True)
 
 
 @dataclass

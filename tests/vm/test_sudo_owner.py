@@ -8,25 +8,16 @@ import os
 import pwd
 import shutil
 import subprocess
-import sys
 import tempfile
 import time
 from pathlib import Path
 
 import pytest
 
-AI = str(Path(sys.executable).with_name("ai"))
-
-USER = f"aisbt{os.getpid() % 100000}"
-
 
 @pytest.fixture(scope="module")
-def user():
-    subprocess.run(["useradd", "--no-create-home", "--shell", "/usr/sbin/nologin", USER], check=True)
-    try:
-        yield pwd.getpwnam(USER)
-    finally:
-        subprocess.run(["userdel", USER], capture_output=True)
+def user(sudo_user):
+    return sudo_user  # conftest's
 
 
 @pytest.fixture(scope="module")
@@ -39,12 +30,7 @@ def ws(user):
 
 
 def as_sudo(ai, user, *args: str) -> subprocess.CompletedProcess[str]:
-    env = {**os.environ, "AI_SANDBOX_STATE": str(ai.state), "SUDO_UID": str(user.pw_uid),
-           "SUDO_GID": str(user.pw_gid), "SUDO_USER": user.pw_name, "SUDO_COMMAND": AI}
-    res = subprocess.run(["ip", "netns", "exec", ai.topo.host.name, AI, *args], env=env, text=True,
-                         capture_output=True, timeout=900)
-    assert res.returncode == 0, f"ai {' '.join(args)}: {res.stderr}"
-    return res
+    return ai.as_sudo(user, *args, timeout=900)
 
 
 def runuser(user, *argv: str, cwd: Path) -> subprocess.CompletedProcess[str]:
@@ -66,12 +52,12 @@ def test_guest_files_belong_to_the_user_behind_sudo(ai, user, ws, sandbox):
     d = f"out-{sandbox}"
     as_sudo(ai, user, "exec", "--name", sandbox, "--", "sh", "-c",
             f"mkdir /workspace/{d} && echo guest > /workspace/{d}/f && id -u")
-    group = pwd.getpwnam(USER).pw_gid
+    group = pwd.getpwnam(user.pw_name).pw_gid
     for path in (ws / d, ws / d / "f"):
         st = path.stat()
         assert (st.st_uid, st.st_gid) == (user.pw_uid, group), (path, st.st_uid, st.st_gid)
     seen = runuser(user, "stat", "-c", "%U", f"{d}/f", cwd=ws)
-    assert seen.stdout.strip() == USER
+    assert seen.stdout.strip() == user.pw_name
     # That user, and not only root, can change and delete what the guest made.
     assert runuser(user, "sh", "-c", f"echo more >> {d}/f && rm -r {d}", cwd=ws).returncode == 0
     assert not (ws / d).exists()
