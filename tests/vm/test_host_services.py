@@ -1,7 +1,8 @@
 """Issue 10: the host agent's services, proved from a real guest.
 
-- Ollama: a fake Ollama on the sandbox host's loopback 127.0.0.1:11434 answers the guest's `curl $OLLAMA_HOST`;
-  another loopback port of that host (11435) stays out of reach.
+- Ollama: a fake Ollama on the sandbox host's loopback 127.0.0.1:11434 answers the guest's `curl $OLLAMA_HOST`
+  (tags; a chat streamed back); what manages models (pull, delete) is refused by the host agent with a 403 and never
+  reaches it; another loopback port of that host (11435) stays out of reach.
 - DNS in `open` mode: the host's resolver sits at a private address (10.99.53.53, in the test's fake internet),
   which the guest's open ruleset may not reach; the guest resolves through its gateway, and the query is logged.
 - An offline host (a namespace with no default route): `ai start` works with one notice, egress fails at once
@@ -31,10 +32,20 @@ import http.server, json, sys
 port = int(sys.argv[1])
 class H(http.server.BaseHTTPRequestHandler):
     def do_GET(self):
-        print("request", self.path, flush=True)
+        print("request", self.command, self.path, flush=True)
         body = json.dumps({"models": [{"name": "fake-llm:1b", "port": port}]}).encode()
         self.send_response(200 if self.path == "/api/tags" else 404)
         self.send_header("Content-Length", str(len(body))); self.end_headers(); self.wfile.write(body)
+    def do_POST(self):
+        print("request", self.command, self.path, flush=True)
+        asked = json.loads(self.rfile.read(int(self.headers.get("Content-Length", 0))) or b"{}")
+        self.send_response(200 if self.path == "/api/chat" else 404)
+        self.send_header("Content-Type", "application/x-ndjson"); self.end_headers()
+        for word, done in (("hello", False), ("there", True)):
+            self.wfile.write(json.dumps({"model": asked.get("model"), "message": {"content": word},
+                                         "done": done}).encode() + b"\n")
+            self.wfile.flush()
+    do_DELETE = do_HEAD = do_PUT = do_POST
     def log_message(self, *a): pass
 srv = http.server.ThreadingHTTPServer(("127.0.0.1", port), H)
 print("listening", flush=True)
@@ -142,7 +153,35 @@ def test_no_other_loopback_port_of_the_host_is_reachable(ai, open_box):
     res = guest(ai, open_box.name, "GW=$(ip route | awk '/default/{print $3}'); "
                                    "curl -sS -m 5 http://$GW:11435/api/tags")
     assert res.returncode != 0
-    assert not [ln for ln in open_box.ollama[11435].read_text().splitlines() if ln.startswith("request /")]
+    assert not [ln for ln in open_box.ollama[11435].read_text().splitlines() if ln.startswith("request ")]
+
+
+def _requests(log: Path) -> list[str]:
+    return [ln.removeprefix("request ") for ln in log.read_text().splitlines() if ln.startswith("request ")]
+
+
+def test_the_guest_cannot_pull_or_delete_the_hosts_models(ai, open_box):
+    res = guest(ai, open_box.name, "for req in 'POST /api/pull' 'DELETE /api/delete' 'POST /api/%70ull'; do "
+                                   "set -- $req; curl -sS -m 20 -o /tmp/err -w '%{http_code} ' -X $1 "
+                                   "\"$OLLAMA_HOST$2\" -d '{\"model\":\"attacker.example:8443/x/y\",\"insecure\":true}'; "
+                                   "done; echo; cat /tmp/err")
+    codes, err = res.stdout.split("\n", 1)
+    assert codes.split() == ["403", "403", "403"], (res.stdout, res.stderr)
+    assert "inference and reading only" in json.loads(err)["error"]
+    seen = _requests(open_box.ollama[11434])
+    assert not [r for r in seen if "pull" in r or "delete" in r or "%70" in r], seen
+    agent_log = (Path(ai.state) / open_box.name / Files.AGENT_LOG).read_text()
+    assert 'refused "POST" "/api/pull"' in agent_log and 'refused "DELETE" "/api/delete"' in agent_log
+
+
+def test_a_chat_streams_through_the_forward(ai, open_box):
+    res = guest(ai, open_box.name, 'curl -sS -m 20 "$OLLAMA_HOST/api/chat" '
+                                   "-d '{\"model\":\"fake-llm:1b\",\"messages\":[]}'")
+    assert res.returncode == 0, res.stderr
+    lines = [json.loads(ln) for ln in res.stdout.splitlines()]
+    assert [(x["model"], x["message"]["content"], x["done"]) for x in lines] == [
+        ("fake-llm:1b", "hello", False), ("fake-llm:1b", "there", True)]
+    assert "POST /api/chat" in _requests(open_box.ollama[11434])
 
 
 def test_guest_resolves_through_the_gateway_from_a_private_resolver(ai, open_box):

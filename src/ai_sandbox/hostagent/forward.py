@@ -102,7 +102,7 @@ class Forwarder:
                             httpgate.shown(req.target), writer.get_extra_info("peername", ("?",))[0], more)
             route = (req.method + b" " + req.target.split(b"?")[0][:100]).decode("ascii", "replace")
             raise Reject(403, f"the sandbox may use the host's Ollama for inference and reading only; "
-                                           f"{route} is refused (pull and manage models on the host)")
+                              f"{route} is refused (pull and manage models on the host)")
         length = _content_length(req)
         if length is not None and length > self.max_body:
             raise Reject(413, f"request body over {self.max_body} bytes")
@@ -112,8 +112,7 @@ class Forwarder:
             return await asyncio.wait_for(asyncio.open_connection(self.to_host, self.to_port), CONNECT_TIMEOUT)
         except (OSError, TimeoutError) as e:
             log.info("%s: cannot reach %s:%d: %s", self.name, self.to_host, self.to_port, e)
-            raise Reject(502, f"the host's Ollama does not answer at "
-                                             f"{self._host.decode()}") from None
+            raise Reject(502, f"the host's Ollama does not answer at {self._host.decode()}") from None
 
     async def _exchange(self, conn: h11.Connection, req: h11.Request, reader: asyncio.StreamReader,
                         writer: asyncio.StreamWriter, up_r: asyncio.StreamReader, up_w: asyncio.StreamWriter) -> None:
