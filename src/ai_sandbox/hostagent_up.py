@@ -20,6 +20,11 @@ def _daemon(inst: Instance) -> daemons.Daemon:
     return daemons.Daemon(WHAT, inst.path(Files.AGENT_PID), inst.path(Files.AGENT_LOG), inst.path(Files.AGENT_CONFIG))
 
 
+def check(settings: Settings) -> None:
+    """Raise the one-line UsageError a bad OLLAMA_HOST deserves, before anything is made."""
+    hostagent.ollama_target(settings.ollama_host)
+
+
 def plan(inst: Instance, cfg: NetConfig, host_ports: tuple[int, ...], settings: Settings) -> AgentConfig | None:
     """The services this sandbox gets; None when it needs no agent (mode offline). Bad OLLAMA_HOST: UsageError."""
     gw = str(cfg.host_ip)

@@ -89,9 +89,10 @@ def create(opts: Options) -> tuple[Instance, Spec]:
         raise UsageError(f"workspace {opts.workspace} is not a directory")
     inst = Instance(opts.name) if opts.name else Instance(name_for_workspace(ws))
     s = opts.settings
+    hostagent_up.check(s)  # bad input fails before anything is made or started
     if inst.exists():
         return inst, _reuse(inst.load(), s, opts.given)
-    egress_policy(s.network, s)  # bad policy input fails before anything is made
+    egress_policy(s.network, s)
     driver = drivers.choose(s.vmm)
     uid, gid = guest_ids()
     spec = Spec(name=inst.name, workspace=str(ws), image=s.image, vmm=driver.name, cpus=s.vcpus,

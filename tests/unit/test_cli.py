@@ -115,3 +115,12 @@ def test_start_refuses_to_change_a_sandbox_made_otherwise(tmp_path):
     assert res.returncode == 2
     assert "--network nat" in _one_error(res) and "ai rm made" in _one_error(res)
     assert spec.read_text() == before
+
+
+def test_a_bad_ollama_host_is_one_line_before_anything_is_made(tmp_path):
+    (tmp_path / "ws").mkdir()
+    res = ai("start", "--detach", "--workspace", "ws", cwd=tmp_path,
+             env={"XDG_CONFIG_HOME": str(tmp_path / "x"), "OLLAMA_HOST": "https://ollama.lan"})
+    assert res.returncode == 2
+    assert "OLLAMA_HOST" in _one_error(res) and "only plain http" in _one_error(res)
+    assert not (tmp_path / "state").exists()

@@ -40,13 +40,18 @@ pytestmark = pytest.mark.unit
     ("0.0.0.0", ("http", "127.0.0.1", 11434)),
     ("0.0.0.0:8080", ("http", "127.0.0.1", 8080)),
     ("http://localhost", ("http", "localhost", 80)),
-    ("https://ollama.lan", ("https", "ollama.lan", 443)),
     ("http://10.1.2.3:11500/", ("http", "10.1.2.3", 11500)),
     ("[::1]:11434", ("http", "::1", 11434)),
     ("gpu-box", ("http", "gpu-box", 11434)),
 ])
 def test_ollama_host_is_read_as_ollamas_client_reads_it(value, want):
     assert hostagent.ollama_target(value) == want
+
+
+def test_an_https_ollama_host_is_refused_in_one_line():
+    # The forward reads each request (only inference passes) and speaks plain HTTP: TLS would be opaque to it.
+    with pytest.raises(UsageError, match="only plain http"):
+        hostagent.ollama_target("https://ollama.lan")
 
 
 @pytest.mark.parametrize("value", ["ftp://x", "127.0.0.1:0", "127.0.0.1:99999", "host:abc", "a b"])
@@ -92,9 +97,9 @@ def test_configure_writes_and_removes_the_config(tmp_path, netcfg):
 
 def test_guest_environment_points_ollama_at_the_gateway_past_the_proxy(netcfg):
     gw = str(netcfg.host_ip)
-    env = hostagent_up.guest_environment(netcfg, (3128, 11434), Settings(OLLAMA_HOST="https://x:1"),
+    env = hostagent_up.guest_environment(netcfg, (3128, 11434), Settings(OLLAMA_HOST="http://x:1"),
                                          {"NO_PROXY": "localhost", "no_proxy": "localhost"})
-    assert env == {"OLLAMA_HOST": f"https://{gw}:11434", "NO_PROXY": f"localhost,{gw}", "no_proxy": f"localhost,{gw}"}
+    assert env == {"OLLAMA_HOST": f"http://{gw}:11434", "NO_PROXY": f"localhost,{gw}", "no_proxy": f"localhost,{gw}"}
     assert hostagent_up.guest_environment(netcfg, (53, 11434), Settings(), {}) == {"OLLAMA_HOST": f"http://{gw}:11434"}
     assert hostagent_up.guest_environment(netcfg, (), Settings(), {}) == {}
 

@@ -90,10 +90,11 @@ def ollama_target(value: str) -> tuple[str, str, int]:
     if not sep:
         scheme, rest = "http", text
     scheme = scheme.lower()
-    if scheme not in ("http", "https"):
-        raise UsageError(f"OLLAMA_HOST={value!r}: scheme {scheme!r} is not http or https",
-                         hint="e.g. OLLAMA_HOST=127.0.0.1:11434")
-    default_port = OLLAMA_PORT if not sep else {"http": 80, "https": 443}[scheme]
+    if scheme != "http":
+        # The forward reads each request to let only inference through; it speaks plain HTTP to Ollama.
+        raise UsageError(f"OLLAMA_HOST={value!r}: scheme {scheme!r} is not supported, only plain http",
+                         hint="point it at Ollama's own address, e.g. OLLAMA_HOST=127.0.0.1:11434")
+    default_port = OLLAMA_PORT if not sep else 80
     hostport = rest.split("/", 1)[0]
     host, port = hostport, default_port
     if hostport.startswith("["):  # [v6]:port
