@@ -176,6 +176,7 @@ ESCAPES = [
 # proved in the integration tier (tests/integration/test_net_policy_traffic.py) rather than here.
 
 
+@pytest.mark.redteam
 def test_escape_suite_from_guest_root_all_fail(ai, guarded, topo):
     assert len(ESCAPES) >= 40
     # One SSH session runs every attempt (each in its own shell) and prints its exit status.

@@ -95,6 +95,7 @@ ESCAPES = [
 ]
 
 
+@pytest.mark.redteam
 def test_sftp_escapes_all_fail(ai, sftp, layout):
     ws, outside = layout
     before = _outside_state(outside)
