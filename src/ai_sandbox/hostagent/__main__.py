@@ -10,12 +10,12 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
-import os
 import signal
 import socket
 import sys
 from pathlib import Path
 
+from ai_sandbox import privileges
 from ai_sandbox.errors import SandboxError
 from ai_sandbox.hostagent import AgentConfig, read_config
 from ai_sandbox.hostagent.dns import DnsServer, QueryLog, Resolvers
@@ -51,14 +51,6 @@ def _socket(fds: dict[str, int], name: str, kind: int, host: str, port: int) -> 
     return s
 
 
-def _drop_privileges(uid: int | None) -> None:
-    if uid is None or os.getuid() != 0:
-        return
-    os.setgroups([])
-    os.setgid(uid)
-    os.setuid(uid)
-
-
 async def serve(cfg: AgentConfig, fds: dict[str, int]) -> None:
     """Run the configured services until SIGTERM/SIGINT."""
     forwards = [(f, _socket(fds, f.name, socket.SOCK_STREAM, f.listen, f.port)) for f in cfg.forwards]
@@ -69,7 +61,8 @@ async def serve(cfg: AgentConfig, fds: dict[str, int]) -> None:
         tcp = _socket(fds, "dns-tcp", socket.SOCK_STREAM, d.listen, d.port)
         qlog = QueryLog(Path(d.log), cfg.sandbox, d.log_max_bytes)
         dns_server = DnsServer(Resolvers(d.upstreams, d.resolv_conf), qlog, d.timeout, d.upstream_port)
-    _drop_privileges(cfg.drop_to_uid)
+    if cfg.drop_to_uid is not None:
+        privileges.drop_to(cfg.drop_to_uid, cfg.drop_to_uid, packages=("dns", "h11"))
 
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()

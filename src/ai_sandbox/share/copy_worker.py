@@ -16,22 +16,10 @@ import sys
 from pathlib import Path
 
 # Imported before the drop: the interpreter's own files may be readable by root only (a pyenv under /root).
+from ai_sandbox import privileges
 from ai_sandbox.share import copy, ext4read
 
 _DIR = os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC
-
-
-def drop_privileges(uid: int, gid: int) -> None:
-    if os.geteuid() != 0 or uid == 0:
-        return  # already unprivileged (then uid is ours), or a root-owned workspace that only root can write
-    os.setgroups([])
-    os.setresgid(gid, gid, gid)
-    os.setresuid(uid, uid, uid)
-    try:
-        os.setuid(0)
-    except PermissionError:
-        return
-    raise SystemExit("privileges could not be dropped")
 
 
 def main(argv: list[str]) -> int:
@@ -40,7 +28,7 @@ def main(argv: list[str]) -> int:
         fds = [os.open(rest[0], _DIR), os.open(rest[1], _DIR | os.O_NOFOLLOW)]  # the workspace path may be a link
     else:
         fds = [os.open(rest[0], _DIR | os.O_NOFOLLOW)]
-    drop_privileges(int(uid), int(gid))
+    privileges.drop_to(int(uid), int(gid))
 
     if verb == "extract":
         os.umask(0o077)

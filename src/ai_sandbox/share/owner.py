@@ -13,6 +13,8 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+from ai_sandbox import privileges
+
 
 def files_owner(workspace: Path, guest: tuple[int, int]) -> tuple[int, int]:
     """The host uid/gid that the guest user's new workspace files get."""
@@ -27,12 +29,5 @@ def files_owner(workspace: Path, guest: tuple[int, int]) -> tuple[int, int]:
 
 
 def drop_to(owner: tuple[int, int]) -> None:
-    """Become `owner` for good (all three uids and gids, supplementary groups only its gid); no-op if already."""
-    uid, gid = owner
-    if os.geteuid() != 0 or uid == 0:
-        return
-    os.setgroups([gid])
-    os.setresgid(gid, gid, gid)
-    os.setresuid(uid, uid, uid)
-    if os.getresuid() != (uid, uid, uid) or os.getresgid() != (gid, gid, gid):  # pragma: no cover - kernel says no
-        raise PermissionError(f"could not drop privileges to {uid}:{gid}")
+    """Become `owner` for good (see `ai_sandbox.privileges`), asyncssh fully loaded first (the share serves SFTP)."""
+    privileges.drop_to(*owner, packages=("asyncssh",))
