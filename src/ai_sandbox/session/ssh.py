@@ -74,8 +74,14 @@ def attach_argv(config: Path, alias: str, command: str | None = None) -> list[st
     return ["ssh", "-F", str(config), "-t", alias, remote]
 
 
+# asyncssh would read the user's ~/.ssh (config, X.509 trust) for every connection: the guest is ours alone, and
+# after a privilege drop that directory may not even be readable.
+NO_USER_FILES = {"config": [], "x509_trusted_certs": None, "x509_trusted_cert_paths": None}
+
+
 def _connect_kwargs(t: Target, timeout: float) -> dict:
     return {
+        **NO_USER_FILES,
         "host": t.address,
         "port": t.port,
         "username": t.user,

@@ -35,7 +35,8 @@ def preloaded(t: ssh.Target) -> Connect:
     key = asyncssh.read_private_key(str(t.key))
     known = asyncssh.import_known_hosts(t.known_hosts.read_text().replace(t.alias, t.address, 1))
     return lambda: asyncssh.connect(host=t.address, port=t.port, username=t.user, client_keys=[key],
-                                    known_hosts=known, agent_path=None, password=None, connect_timeout=5)
+                                    known_hosts=known, agent_path=None, password=None, connect_timeout=5,
+                                    **ssh.NO_USER_FILES)
 
 
 async def serve(connect: Connect, workspace: Path, uid: int, gid: int, stop: asyncio.Event) -> None:

@@ -28,7 +28,9 @@ def sftp_start(inst: Instance, timeout: float = 60) -> None:
             break
         time.sleep(0.2)
     sftp_stop(inst)
-    raise VMError("the sftp workspace did not mount in the guest", log=str(log))
+    said = [ln for ln in log.read_text(errors="replace")[-4096:].splitlines() if ln.strip()]
+    why = "".join(c if c.isprintable() else "?" for c in said[-1])[:300] if said else "no word from the share daemon"
+    raise VMError(f"the sftp workspace did not mount in the guest ({why})", log=str(log))
 
 
 def sftp_stop(inst: Instance) -> None:
