@@ -42,7 +42,10 @@ os.mkdir(f"{w}/loopdir")
 dev = subprocess.run(["findmnt", "-n", "-o", "SOURCE", w], capture_output=True, text=True, check=True).stdout.strip()
 os.sync()
 subprocess.run(["umount", w], check=True)
-subprocess.run(["tune2fs", "-O", "^metadata_csum", dev], check=True, capture_output=True)
+subprocess.run(["e2fsck", "-fy", dev], capture_output=True)  # tune2fs wants a freshly checked filesystem
+r = subprocess.run(["tune2fs", "-O", "^metadata_csum", dev], capture_output=True, text=True)
+if r.returncode:
+    sys.exit(f"tune2fs: {r.stdout} {r.stderr}")
 subprocess.run(["debugfs", "-w", "-R", "mknod dev-null c 1 3", dev], check=True, capture_output=True)
 subprocess.run(["debugfs", "-w", "-R", "ln /loopdir /loopdir/again", dev], check=True, capture_output=True)
 out = subprocess.run(["debugfs", "-R", "blocks /", dev], capture_output=True, text=True, check=True).stdout.split()
@@ -103,9 +106,10 @@ def attacked(ai, minimal_image, tmp_path_factory):
         del os.environ["FC_WORKSPACE_SIZE"]
     try:
         script = base64.b64encode(CRAFT.encode()).decode()
-        res = ai("exec", "--name", "rtcopy", "--", "sudo", "sh", "-c",
-                 f"echo {script} | base64 -d > /tmp/craft.py && python3 /tmp/craft.py {canary}", check=False,
-                 timeout=300)
+        # `ai exec` starts in /workspace: leave it before sudo, or the unmount finds the mount busy.
+        res = ai("exec", "--name", "rtcopy", "--", "sh", "-c",
+                 f"cd / && echo {script} | base64 -d > /tmp/craft.py && exec sudo python3 /tmp/craft.py {canary}",
+                 check=False, timeout=300)
         stop = ai("stop", "rtcopy", check=False, timeout=900)
     finally:
         state = ai.state / "rtcopy"
@@ -131,7 +135,8 @@ def test_every_attack_failed_and_the_legitimate_edits_merged(attacked):
     assert not (ws / TWIN_LINK).is_symlink() and not (canary / "through.txt").exists()
     for path in ws.rglob("*"):
         if path.is_symlink():
-            assert os.path.realpath(path).startswith(str(ws) + "/"), path
+            real = os.path.realpath(path)
+            assert real == str(ws) or real.startswith(str(ws) + "/"), path  # `dot -> .` is the workspace itself
     a, b = (ws / "new-hard-a").stat(), (ws / "new-hard-b").stat()
     assert a.st_ino == b.st_ino
     assert (ws / "legit.txt").read_text() == "legit v2 from the guest\n"
