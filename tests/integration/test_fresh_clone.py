@@ -47,7 +47,7 @@ def test_readme_commands_in_a_fresh_clone(tmp_path_factory: pytest.TempPathFacto
     assert _run(["./ai", "version"], clone, env, 900).stdout.startswith("ai-sandbox ")
     assert (venv / "bin/ai").is_file() and not (venv / "bin/ruff").exists()
 
-    # 2. sudo ./tests/run: the same venv must be upgraded with the test extras, ruff must run, the unit tier pass
+    # 2. ./tests/run: the same venv must be upgraded with the test extras, ruff must run, the unit tier pass
     res = _run(["./tests/run", "-m", "unit", "-p", "no:cacheprovider"], clone, env, 1200)
     assert (venv / "bin/ruff").is_file() and (venv / "bin/pytest").is_file()
     assert "All checks passed!" in res.stdout  # ruff ran over src and tests
