@@ -1,6 +1,6 @@
 """Workspace mode `copy` (the seed's behaviour): an ext4 image filled from the workspace at start, synced back at stop.
 
-The image is built and read without mounting (`mkfs.ext4 -d`, `debugfs rdump`), so no root is needed. Sync-back is a
+The image is built and read without mounting (`mkfs.ext4 -d`; `ext4read`, entry by entry), so no root is needed. Sync-back is a
 three-way merge against the manifest recorded at start: the guest's changes land on the host unless the host changed
 the same path too; then the host version stays in place and the guest's is kept beside it. Nothing is lost, and
 nothing outside the workspace is touched: host symlinks are never followed while writing back.
@@ -14,72 +14,25 @@ import hashlib
 import json
 import os
 import stat
-import time
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
-from typing import Literal
 
 from ai_sandbox import runner
 from ai_sandbox.errors import CommandError, SandboxError
 from ai_sandbox.share.links import link_stays_inside  # noqa: F401  (copy mode's rule, also the sftp share's)
+from ai_sandbox.share.syncplan import (  # noqa: F401  (the pure half: the three-way plan and its types)
+    CONFLICT_TAG,
+    Action,
+    Entry,
+    Kind,
+    Manifest,
+    SyncReport,
+    ancestors,
+    conflict_stamp,
+    plan_sync,
+)
 
 IMAGE_LABEL = "aisbx-ws"
-CONFLICT_TAG = ".guest-conflict-"
-Kind = Literal["file", "link", "dir"]
-
-
-@dataclass(frozen=True)
-class Entry:
-    """One path as recorded: `digest` is the sha256 of a file's content or of a link's target ("" for dirs)."""
-
-    kind: Kind
-    size: int = 0
-    mtime_ns: int = 0
-    digest: str = ""
-    mode: int = 0  # permission bits of a file: `chmod +x` in the guest is a change too
-
-    def same(self, other: Entry | None) -> bool:
-        return other is not None and (self.kind, self.digest, self.mode) == (other.kind, other.digest, other.mode)
-
-
-Manifest = dict[str, Entry]  # workspace-relative POSIX path -> entry
-
-
-@dataclass(frozen=True)
-class Action:
-    """One step of a sync: `path` in the guest tree, `dest` on the host (differs only for conflict copies)."""
-
-    op: Literal["copy", "delete", "conflict"]
-    path: str
-    kind: Kind
-    dest: str
-    expect: Entry | None = None  # what the host had when planned; checked again right before changing it
-
-
-@dataclass
-class SyncReport:
-    copied: list[str] = field(default_factory=list)
-    deleted: list[str] = field(default_factory=list)
-    conflicts: list[tuple[str, str]] = field(default_factory=list)  # (path, where the guest version was put)
-    skipped: list[tuple[str, str]] = field(default_factory=list)  # (path, why)
-    kept: str = ""  # where the guest's image was kept because entries were skipped
-
-    def summary(self) -> str:
-        counts = (len(self.copied), len(self.deleted), len(self.conflicts), len(self.skipped))
-        text = "{} copied, {} deleted, {} conflicts, {} skipped".format(*counts)
-        if self.skipped:
-            names = ", ".join(_shown(p) for p, _ in self.skipped[:5]) + (", ..." if len(self.skipped) > 5 else "")
-            text += f" ({names})"
-        if self.kept:
-            text += f"; the guest's image is kept at {self.kept}"
-        return text
-
-
-def _shown(text: str) -> str:
-    """A guest name on one line: control characters and undecodable bytes shown as escapes (the CLI escapes
-    markup when it prints, for every message alike)."""
-    text = text.encode("utf-8", "backslashreplace").decode("utf-8")
-    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
 
 
 # -- manifests ------------------------------------------------------------------------------------------------------
@@ -181,77 +134,6 @@ def save_manifest(manifest: Manifest, path: Path) -> None:
 
 def load_manifest(path: Path) -> Manifest:
     return {rel: Entry(*fields) for rel, fields in json.loads(path.read_text()).items()}
-
-
-# -- planning (pure) ------------------------------------------------------------------------------------------------
-
-
-def conflict_stamp(now: float | None = None) -> str:
-    return time.strftime("%Y%m%dT%H%M%SZ", time.gmtime(time.time() if now is None else now))
-
-
-def _same(a: Entry | None, b: Entry | None) -> bool:
-    return (a is None and b is None) or (a is not None and a.same(b))
-
-
-def _conflict_name(path: str, stamp: str, taken: set[str]) -> str:
-    base = f"{path}{CONFLICT_TAG}{stamp}"
-    name, n = base, 1
-    while name in taken:
-        n += 1
-        name = f"{base}-{n}"
-    taken.add(name)
-    return name
-
-
-def plan_sync(start: Manifest, host_now: Manifest, guest_now: Manifest, *, stamp: str | None = None) -> list[Action]:
-    """The three-way merge of the guest's changes into the host, as actions in path order (parents first)."""
-    stamp = stamp or conflict_stamp()
-    taken = set(host_now) | set(guest_now)
-    moved: dict[str, str] = {}  # guest dirs that cannot land in place -> where their changed contents go
-    actions: list[Action] = []
-    for path in sorted(set(start) | set(host_now) | set(guest_now)):
-        s, h, g = start.get(path), host_now.get(path), guest_now.get(path)
-        if _same(s, g):
-            continue  # the guest left it alone: the host's version wins, even a deletion
-        under = next((p for p in _ancestors(path) if p in moved), None)
-        if under is None and g is not None and (blocked := _blocked(path, start, host_now, guest_now)):
-            under = blocked
-            moved[blocked] = _conflict_name(blocked, stamp, taken)
-            actions.append(Action("conflict", blocked, "dir", moved[blocked]))
-        if under is not None:
-            if g is not None:
-                actions.append(Action("conflict", path, g.kind, moved[under] + path[len(under) :]))
-        elif _same(h, g):
-            continue  # both made the same change
-        elif _same(s, h):  # only the guest changed it
-            if h is not None and (g is None or g.kind != h.kind):
-                actions.append(Action("delete", path, h.kind, path, h))
-            if g is not None:
-                actions.append(Action("copy", path, g.kind, path, h if h and h.kind == g.kind else None))
-        elif g is not None:  # both changed it, differently (a host deletion counts): keep both
-            dest = _conflict_name(path, stamp, taken)
-            actions.append(Action("conflict", path, g.kind, dest))
-            if g.kind == "dir":
-                moved[path] = dest
-        # else: the guest deleted what the host changed; the host's version stays
-    return actions
-
-
-def _blocked(path: str, start: Manifest, host_now: Manifest, guest_now: Manifest) -> str | None:
-    """The topmost ancestor the host turned into a non-directory, which the guest's change cannot go through."""
-    for parent in reversed(_ancestors(path)):
-        h = host_now.get(parent)
-        if h is None or h.kind == "dir":
-            continue
-        g = guest_now.get(parent)
-        if not (_same(start.get(parent), h) and g is not None and g.kind == "dir"):  # else the plan swaps in a dir
-            return parent
-    return None
-
-
-def _ancestors(path: str) -> list[str]:
-    return [str(p) for p in PurePosixPath(path).parents if str(p) != "."]
 
 
 # -- applying (every host path walked from the workspace's fd, one component at a time, never through a link) -----
@@ -449,7 +331,7 @@ def apply_sync(
                 report.deleted.append(done.path)
             elif done.op == "copy":
                 report.copied.append(done.path)
-            elif not moved.intersection(_ancestors(done.path)):
+            elif not moved.intersection(ancestors(done.path)):
                 report.conflicts.append((done.path, done.dest))
                 if done.kind == "dir":
                     moved.add(done.path)
