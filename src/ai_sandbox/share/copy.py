@@ -1,9 +1,9 @@
 """Workspace mode `copy` (the seed's behaviour): an ext4 image filled from the workspace at start, synced back at stop.
 
-The image is built and read without mounting (`mkfs.ext4 -d`; `ext4read`, entry by entry), so no root is needed. Sync-back is a
-three-way merge against the manifest recorded at start: the guest's changes land on the host unless the host changed
-the same path too; then the host version stays in place and the guest's is kept beside it. Nothing is lost, and
-nothing outside the workspace is touched: host symlinks are never followed while writing back.
+The image is built and read without mounting (`mkfs.ext4 -d`; `ext4read`, entry by entry), so no root is needed.
+Sync-back is a three-way merge against the manifest recorded at start: the guest's changes land on the host unless
+the host changed the same path too; then the host version stays in place and the guest's is kept beside it. Nothing
+is lost, and nothing outside the workspace is touched: host symlinks are never followed while writing back.
 """
 
 from __future__ import annotations
