@@ -46,6 +46,14 @@ def topo():
 
 
 @pytest.fixture(scope="module")
+def monkeypatch_module():
+    """Environment changes for one module's shared sandbox, undone after it."""
+    mp = pytest.MonkeyPatch()
+    yield mp
+    mp.undo()
+
+
+@pytest.fixture(scope="module")
 def state_dir(tmp_path_factory) -> Path:
     return tmp_path_factory.mktemp("state")
 

@@ -83,13 +83,6 @@ def guarded(ai, upstream, minimal_image, tmp_path_factory, monkeypatch_module):
     ai("rm", "--force", "eg", check=False)
 
 
-@pytest.fixture(scope="module")
-def monkeypatch_module():
-    mp = pytest.MonkeyPatch()
-    yield mp
-    mp.undo()
-
-
 def guest(ai, name: str, cmd: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:
     """As guest root, with the sandbox's login environment."""
     return ai("exec", "--name", name, "--", "sudo", "sh", "-c", ". /etc/environment 2>/dev/null; export "

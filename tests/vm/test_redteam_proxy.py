@@ -84,13 +84,6 @@ print("done")
 
 
 @pytest.fixture(scope="module")
-def monkeypatch_module():
-    mp = pytest.MonkeyPatch()
-    yield mp
-    mp.undo()
-
-
-@pytest.fixture(scope="module")
 def internet(topo, tmp_path_factory):
     d = tmp_path_factory.mktemp("redteam-pki")
     ca, leaf, key = _test_pki(d)

@@ -83,7 +83,7 @@ def copy_sparse(src_fd: int, dst_fd: int, block: int = 4096) -> int:
     return written
 
 
-def _walk_fd(root_fd: int, rel: str) -> int:
+def walk_fd(root_fd: int, rel: str) -> int:
     """The directory `rel` under root_fd, opened one component at a time with O_NOFOLLOW (no link is followed)."""
     fd = os.dup(root_fd)
     for part in filter(None, rel.split("/")):
@@ -107,7 +107,7 @@ def scan(root: Path | int, previous: Manifest | None = None, ignore: frozenset[s
     try:
         while pending:
             rel_dir = pending.pop()
-            dir_fd = _walk_fd(root_fd, rel_dir)
+            dir_fd = walk_fd(root_fd, rel_dir)
             try:
                 with os.scandir(dir_fd) as entries:
                     for item in entries:
@@ -219,7 +219,7 @@ def _write(ctx: _Ctx, src: PurePosixPath, dest: PurePosixPath, parent: int, name
         if st is None or not stat.S_ISDIR(st.st_mode):
             raise _Unsafe(f"{name} on the host is not a plain directory")
         return
-    src_dir = _walk_fd(ctx.guest_fd, str(src.parent))
+    src_dir = walk_fd(ctx.guest_fd, str(src.parent))
     try:
         tmp = _tmp_name(parent)
         if kind == "link":

@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ai_sandbox import runner
-from ai_sandbox.share.copy import copy_sparse
+from ai_sandbox.share.copy import copy_sparse, walk_fd
 
 NAME_MAX = 255
 PATH_MAX = 4000  # bytes of a workspace-relative path
@@ -190,17 +190,6 @@ def _kind(mode: int) -> str:
     return names.get(fmt, "unknown type")
 
 
-def _open_dir(root_fd: int, rel: str) -> int:
-    fd = os.dup(root_fd)
-    for part in filter(None, rel.split("/")):
-        try:
-            nxt = os.open(part, _NOFOLLOW_DIR, dir_fd=fd)
-        finally:
-            os.close(fd)
-        fd = nxt
-    return fd
-
-
 class _Reader:
     def __init__(self, image: Path, work: Path, sb: Super, budget: int) -> None:
         self.image, self.work, self.sb, self.budget = image, work, sb, budget
@@ -329,7 +318,7 @@ def _place(reader: _Reader, root_fd: int, rel_dir: str, ents: list[tuple[int, by
            ) -> list[tuple[int, str]]:
     """Create one directory's entries in the staging tree; returns the subdirectories to read next."""
     subdirs = []
-    dir_fd = _open_dir(root_fd, rel_dir)
+    dir_fd = walk_fd(root_fd, rel_dir)
     try:
         for ino, raw in ents:
             if raw in (b".", b".."):
